@@ -1,0 +1,22 @@
+//! Everything the Tareas processes agree on.
+//!
+//! # Layout
+//! - [`protocol`]: the JSON messages between a client and the distribuidor.
+//! - [`task`]: task ids, task states, and the messages that travel through RabbitMQ.
+//! - [`builtin`]: the catalogue of built-in task types and their payload validation.
+//! - [`topology`]: queue and exchange names and their declarations.
+//! - [`db`]: the `tasks` table: migrations and every query against it.
+//! - [`config`]: command-line/environment pieces shared by the binaries.
+//! - [`backoff`]: exponential backoff with jitter for reconnect loops.
+//! - [`shutdown`]: SIGINT/SIGTERM as a cancellation token.
+//! - [`telemetry`]: tracing set-up.
+
+pub mod backoff;
+pub mod builtin;
+pub mod config;
+pub mod db;
+pub mod protocol;
+pub mod shutdown;
+pub mod task;
+pub mod telemetry;
+pub mod topology;

@@ -1,0 +1,78 @@
+//! Queue and exchange names, and their declarations. Every process declares
+//! the same topology with the same arguments (declaring is idempotent), so
+//! whichever starts first creates it.
+//!
+//! - `<queue>` (default `tareas`): a durable quorum queue with a delivery
+//!   limit; messages that exceed it, or that a worker rejects, are
+//!   dead-lettered.
+//! - `<queue>.dlx`: a durable fanout exchange, the dead-letter exchange.
+//! - `<queue>.dlq`: a durable quorum queue bound to it.
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Channel, ExchangeKind};
+
+/// How many times RabbitMQ delivers a message that was handed back
+/// (worker crash, nack with requeue) before dead-lettering it.
+pub const DELIVERY_LIMIT: i64 = 20;
+
+/// The names of one Tareas deployment's queues.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    /// The work queue, `tareas` unless configured otherwise.
+    pub queue: String,
+}
+
+impl Topology {
+    pub fn new(queue: impl Into<String>) -> Topology {
+        Topology { queue: queue.into() }
+    }
+
+    pub fn dead_letter_exchange(&self) -> String {
+        format!("{}.dlx", self.queue)
+    }
+
+    pub fn dead_letter_queue(&self) -> String {
+        format!("{}.dlq", self.queue)
+    }
+
+    /// Declares the work queue, the dead-letter exchange and the dead-letter
+    /// queue on `channel`.
+    pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
+        let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+        channel
+            .exchange_declare(
+                self.dead_letter_exchange().as_str().into(),
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() },
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_declare(self.dead_letter_queue().as_str().into(), durable, quorum_arguments())
+            .await?;
+        channel
+            .queue_bind(
+                self.dead_letter_queue().as_str().into(),
+                self.dead_letter_exchange().as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let mut arguments = quorum_arguments();
+        arguments.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(DELIVERY_LIMIT));
+        arguments.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(LongString::from(self.dead_letter_exchange().as_str())),
+        );
+        channel.queue_declare(self.queue.as_str().into(), durable, arguments).await?;
+        Ok(())
+    }
+}
+
+fn quorum_arguments() -> FieldTable {
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
+    arguments
+}

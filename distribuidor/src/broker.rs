@@ -1,0 +1,189 @@
+//! The distribuidor's link to RabbitMQ: one connection, kept up by a
+//! supervisor task that reconnects with backoff. It carries two channels:
+//! one in confirm mode for publishing tasks, and one consuming this
+//! instance's private reply queue, whose results go to the [`Router`].
+//!
+//! While the link is down, [`Broker::publish`] fails at once, so the client
+//! gets `unavailable` instead of a false ack.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use tareas_common::task::{TaskMessage, TaskReport};
+use tareas_common::topology::Topology;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::router::Router;
+
+/// How long a publish may wait for RabbitMQ's confirm.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+
+const HINT: &str = "check AMQP_URL; locally start RabbitMQ with `scripts/services`";
+
+/// Why a task could not be handed to RabbitMQ. In every case the task was
+/// not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("RabbitMQ is unreachable")]
+    Disconnected,
+    #[error("RabbitMQ refused the message: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("RabbitMQ did not confirm the message within {0:?}")]
+    Timeout(Duration),
+    #[error("RabbitMQ nacked the message")]
+    Nacked,
+    #[error("RabbitMQ returned the message as unroutable: is queue {0:?} missing?")]
+    Unroutable(String),
+}
+
+/// What the link holds while it is up.
+#[derive(Clone)]
+struct Session {
+    /// Publishing channel, in confirm mode.
+    channel: Channel,
+    /// This instance's reply queue; workers send results there.
+    reply_queue: String,
+}
+
+/// A handle to the link; cheap to clone.
+#[derive(Clone)]
+pub struct Broker {
+    /// The current session, `None` while disconnected.
+    session: watch::Receiver<Option<Session>>,
+    /// Queue names.
+    topology: Arc<Topology>,
+}
+
+impl Broker {
+    /// Starts the supervisor. The link comes up in the background; until it
+    /// does, publishes fail with [`PublishError::Disconnected`].
+    pub fn start(amqp_url: String, topology: Topology, router: Arc<Router>, shutdown: CancellationToken) -> Broker {
+        let (tx, rx) = watch::channel(None);
+        let topology = Arc::new(topology);
+        tokio::spawn(supervise(amqp_url, topology.clone(), router, tx, shutdown));
+        Broker { session: rx, topology }
+    }
+
+    /// Waits until the link is up (for tests and start-up logs).
+    pub async fn wait_connected(&self) {
+        let mut session = self.session.clone();
+        let _ = session.wait_for(Option::is_some).await;
+    }
+
+    /// Publishes `task` as a persistent, mandatory message and waits for
+    /// RabbitMQ's confirm. `Ok` means the task is durably queued.
+    pub async fn publish(&self, task: &TaskMessage) -> Result<(), PublishError> {
+        let Some(session) = self.session.borrow().clone() else {
+            return Err(PublishError::Disconnected);
+        };
+        let body = serde_json::to_vec(task).unwrap_or_default();
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into())
+            .with_message_id(task.task_id.as_str().into())
+            .with_correlation_id(task.task_id.as_str().into())
+            .with_reply_to(session.reply_queue.as_str().into());
+        let confirm = session
+            .channel
+            .basic_publish(
+                "".into(),
+                self.topology.queue.as_str().into(),
+                BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
+                &body,
+                properties,
+            )
+            .await?;
+        let confirmation = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
+            .await
+            .map_err(|_| PublishError::Timeout(CONFIRM_TIMEOUT))??;
+        if confirmation.is_nack() {
+            return Err(PublishError::Nacked);
+        }
+        if confirmation.take_message().is_some() {
+            return Err(PublishError::Unroutable(self.topology.queue.clone()));
+        }
+        Ok(())
+    }
+}
+
+/// Keeps the link up until shutdown.
+async fn supervise(
+    amqp_url: String,
+    topology: Arc<Topology>,
+    router: Arc<Router>,
+    session: watch::Sender<Option<Session>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let connected = tareas_common::backoff::retry_until_ok("RabbitMQ", HINT, &shutdown, || {
+            open(&amqp_url, &topology)
+        })
+        .await;
+        let Some((connection, publish_channel, consumer, reply_queue)) = connected else { return };
+        tracing::info!(queue = %topology.queue, reply_queue = %reply_queue, "connected to RabbitMQ");
+        session.send_replace(Some(Session { channel: publish_channel, reply_queue }));
+        let lost = tokio::select! {
+            () = shutdown.cancelled() => false,
+            () = route_results(consumer, &router) => true,
+        };
+        session.send_replace(None);
+        if lost {
+            tracing::error!("lost the RabbitMQ connection; new tasks get `unavailable` until it is back");
+        } else {
+            let _ = connection.close(200, "distribuidor shutting down".into()).await;
+            return;
+        }
+    }
+}
+
+/// Connects, declares the topology and this instance's reply queue, and
+/// starts consuming it.
+async fn open(amqp_url: &str, topology: &Topology) -> Result<(Connection, Channel, lapin::Consumer, String), lapin::Error> {
+    let connection = Connection::connect(amqp_url, ConnectionProperties::default()).await?;
+    let publish_channel = connection.create_channel().await?;
+    topology.declare(&publish_channel).await?;
+    publish_channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    let reply_channel = connection.create_channel().await?;
+    let reply_queue = reply_channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions { exclusive: true, auto_delete: true, ..QueueDeclareOptions::default() },
+            FieldTable::default(),
+        )
+        .await?;
+    let reply_queue = reply_queue.name().to_string();
+    let consumer = reply_channel
+        .basic_consume(
+            reply_queue.as_str().into(),
+            "distribuidor-results".into(),
+            BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((connection, publish_channel, consumer, reply_queue))
+}
+
+/// Hands every result on the reply queue to the router; returns when the
+/// consumer ends (the connection was lost).
+async fn route_results(mut consumer: lapin::Consumer, router: &Router) {
+    while let Some(delivery) = consumer.next().await {
+        let delivery = match delivery {
+            Ok(delivery) => delivery,
+            Err(err) => {
+                tracing::warn!(cause = %err, "result consumer failed");
+                return;
+            }
+        };
+        match serde_json::from_slice::<TaskReport>(&delivery.data) {
+            Ok(report) => {
+                router.deliver(report);
+            }
+            Err(err) => tracing::warn!(cause = %err, "ignoring a malformed result message"),
+        }
+    }
+}

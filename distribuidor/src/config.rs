@@ -1,0 +1,59 @@
+//! The distribuidor's configuration: flags with environment twins.
+
+use std::net::SocketAddr;
+
+use clap::{Args, Parser};
+use tareas_common::config::{BrokerArgs, DatabaseArgs, LogArgs};
+
+/// Tareas distribuidor: accepts tasks over TCP and queues them in RabbitMQ.
+#[derive(Debug, Clone, Parser)]
+#[command(version, about)]
+pub struct Config {
+    /// Address to listen on for clients.
+    #[arg(long, env = "DISTRIBUIDOR_ADDR", default_value = "0.0.0.0:8888")]
+    pub addr: SocketAddr,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub limits: Limits,
+    /// Task types accepted besides the built-ins, comma-separated, for
+    /// workers that register their own handlers. Their payloads are
+    /// validated by the worker, not here.
+    #[arg(long, env = "TAREAS_EXTRA_TASK_TYPES", value_delimiter = ',')]
+    pub extra_task_types: Vec<String>,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// Bounds on what clients can make the distribuidor hold.
+#[derive(Debug, Clone, Args)]
+pub struct Limits {
+    /// Most client connections at once; beyond it a client gets `too_many_connections`.
+    #[arg(long, env = "TAREAS_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// Largest single message from a client, in bytes; beyond it `too_large` and close.
+    #[arg(long, env = "TAREAS_MAX_MESSAGE_BYTES", default_value_t = 1024 * 1024)]
+    pub max_message_bytes: usize,
+    /// Requests one connection may have in progress (awaiting their publish
+    /// confirm) before the distribuidor stops reading from it.
+    #[arg(long, env = "TAREAS_MAX_IN_FLIGHT", default_value_t = 256)]
+    pub max_in_flight: usize,
+    /// Seconds a connection may stay silent, with nothing outstanding, before it is closed.
+    #[arg(long, env = "TAREAS_IDLE_TIMEOUT_SECS", default_value_t = 300)]
+    pub idle_timeout_secs: u64,
+    /// Seconds to let connections finish their in-progress requests after SIGTERM.
+    #[arg(long, env = "TAREAS_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
+    pub shutdown_timeout_secs: u64,
+    /// PostgreSQL connections in the pool.
+    #[arg(long, env = "TAREAS_DB_POOL_SIZE", default_value_t = 16)]
+    pub db_pool_size: usize,
+}
+
+impl Config {
+    /// The defaults, as if no flag or environment variable were set.
+    pub fn defaults() -> Config {
+        Config::parse_from(["distribuidor"])
+    }
+}

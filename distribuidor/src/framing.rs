@@ -1,0 +1,247 @@
+//! Splits a byte stream into JSON objects, with or without newlines between
+//! them. Many clients write `json.dumps(msg)` with no trailing newline, so a
+//! frame ends where its object's braces balance, not at a newline.
+//!
+//! The scanner keeps its place across reads, so each byte is looked at once,
+//! and it never holds more than one message of at most `max_len` bytes.
+
+use bytes::{Buf, Bytes, BytesMut};
+
+/// What the scanner found next in the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// One complete, brace-balanced object (it may still be invalid JSON).
+    Object(Bytes),
+    /// Bytes that cannot start or continue an object; they are dropped up
+    /// to the next newline. Carries the reason.
+    Garbage(&'static str),
+    /// An object longer than the limit. The stream cannot be resynchronised
+    /// reliably after this, so the connection should be closed.
+    TooLarge,
+}
+
+/// Where the scanner is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Between objects: whitespace is skipped, `{` starts an object.
+    Between,
+    /// Inside an object.
+    Object,
+    /// Dropping bytes until the next newline.
+    Skipping,
+}
+
+/// Incremental JSON-object splitter over a growing buffer.
+#[derive(Debug)]
+pub struct Framer {
+    /// Bytes read and not yet consumed; an unfinished object starts at 0.
+    buffer: BytesMut,
+    /// Longest object accepted, in bytes.
+    max_len: usize,
+    mode: Mode,
+    /// How far into `buffer` the scan has got.
+    scanned: usize,
+    /// Brace/bracket nesting depth inside the current object.
+    depth: usize,
+    /// Inside a string literal.
+    in_string: bool,
+    /// The previous byte was a backslash inside a string.
+    escaped: bool,
+    /// The last byte outside strings that was not whitespace.
+    last_significant: u8,
+}
+
+impl Framer {
+    pub fn new(max_len: usize) -> Framer {
+        Framer {
+            buffer: BytesMut::with_capacity(8 * 1024),
+            max_len,
+            mode: Mode::Between,
+            scanned: 0,
+            depth: 0,
+            in_string: false,
+            escaped: false,
+            last_significant: 0,
+        }
+    }
+
+    /// The buffer to read more bytes into.
+    pub fn buffer_mut(&mut self) -> &mut BytesMut {
+        &mut self.buffer
+    }
+
+    /// Bytes held that belong to an unfinished object (0 between objects).
+    pub fn pending_len(&self) -> usize {
+        if self.mode == Mode::Object {
+            self.buffer.len()
+        } else {
+            0
+        }
+    }
+
+    /// The next frame in what has been read so far, or `None` if more bytes are needed.
+    pub fn next_frame(&mut self) -> Option<Frame> {
+        while self.scanned < self.buffer.len() {
+            let byte = self.buffer[self.scanned];
+            match self.mode {
+                Mode::Between => {
+                    if byte.is_ascii_whitespace() {
+                        self.buffer.advance(1);
+                    } else if byte == b'{' {
+                        self.start_object();
+                    } else {
+                        self.mode = Mode::Skipping;
+                        return Some(Frame::Garbage("expected a JSON object starting with '{'"));
+                    }
+                }
+                Mode::Skipping => {
+                    self.buffer.advance(1);
+                    if byte == b'\n' {
+                        self.mode = Mode::Between;
+                    }
+                }
+                Mode::Object => {
+                    if let Some(frame) = self.scan_object_byte(byte) {
+                        return Some(frame);
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    fn start_object(&mut self) {
+        self.mode = Mode::Object;
+        self.scanned = 1;
+        self.depth = 1;
+        self.in_string = false;
+        self.escaped = false;
+        self.last_significant = b'{';
+    }
+
+    fn scan_object_byte(&mut self, byte: u8) -> Option<Frame> {
+        let at = self.scanned;
+        self.scanned += 1;
+        if self.scanned > self.max_len {
+            return Some(self.too_large());
+        }
+        if self.in_string {
+            if self.escaped {
+                self.escaped = false;
+            } else if byte == b'\\' {
+                self.escaped = true;
+            } else if byte == b'"' {
+                self.in_string = false;
+            }
+            return None;
+        }
+        match byte {
+            b'"' => self.in_string = true,
+            b'{' | b'[' => {
+                // A value may only follow `[`, `,` or `:`. Anything else means
+                // the object so far is broken (say, a line missing its closing
+                // brace) and this `{` probably starts the next message.
+                if byte == b'{' && !matches!(self.last_significant, b'[' | b',' | b':') {
+                    let broken = self.buffer.split_to(at).freeze();
+                    self.start_object();
+                    return Some(Frame::Object(broken));
+                }
+                self.depth += 1;
+            }
+            b'}' | b']' => {
+                self.depth -= 1;
+                if self.depth == 0 {
+                    let object = self.buffer.split_to(self.scanned).freeze();
+                    self.mode = Mode::Between;
+                    self.scanned = 0;
+                    return Some(Frame::Object(object));
+                }
+            }
+            _ => {}
+        }
+        if !byte.is_ascii_whitespace() {
+            self.last_significant = byte;
+        }
+        None
+    }
+
+    fn too_large(&mut self) -> Frame {
+        self.buffer.advance(self.scanned);
+        self.scanned = 0;
+        self.mode = Mode::Skipping;
+        Frame::TooLarge
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(input: &[u8], max_len: usize) -> Vec<Frame> {
+        let mut framer = Framer::new(max_len);
+        framer.buffer_mut().extend_from_slice(input);
+        std::iter::from_fn(|| framer.next_frame()).collect()
+    }
+
+    fn object(text: &str) -> Frame {
+        Frame::Object(Bytes::copy_from_slice(text.as_bytes()))
+    }
+
+    #[test]
+    fn splits_with_and_without_newlines() {
+        assert_eq!(
+            frames(br#"{"a":1}{"b":"}{"}  {"c":[{"d":2}]}"#, 1024),
+            vec![object(r#"{"a":1}"#), object(r#"{"b":"}{"}"#), object(r#"{"c":[{"d":2}]}"#)]
+        );
+        assert_eq!(frames(b"{\"a\":1}\n\r\n{\"b\":2}\n", 1024), vec![object(r#"{"a":1}"#), object(r#"{"b":2}"#)]);
+    }
+
+    #[test]
+    fn escapes_inside_strings() {
+        assert_eq!(frames(br#"{"a":"\"}\\"}"#, 1024), vec![object(r#"{"a":"\"}\\"}"#)]);
+    }
+
+    #[test]
+    fn feeds_byte_by_byte() {
+        let input = br#"{"type":"ping"} {"type":"status","task_id":"x"}"#;
+        let mut framer = Framer::new(1024);
+        let mut found = Vec::new();
+        for byte in input {
+            framer.buffer_mut().extend_from_slice(&[*byte]);
+            while let Some(frame) = framer.next_frame() {
+                found.push(frame);
+            }
+        }
+        assert_eq!(found, vec![object(r#"{"type":"ping"}"#), object(r#"{"type":"status","task_id":"x"}"#)]);
+    }
+
+    #[test]
+    fn garbage_skips_to_the_next_line() {
+        let found = frames(b"hola {x}\n{\"a\":1}", 1024);
+        assert!(matches!(found[0], Frame::Garbage(_)));
+        assert_eq!(found[1..], [object(r#"{"a":1}"#)]);
+    }
+
+    #[test]
+    fn an_unclosed_object_does_not_swallow_the_next() {
+        let found = frames(b"{\"a\":1\n{\"type\":\"ping\"}\n", 1024);
+        assert_eq!(found, vec![object("{\"a\":1\n"), object(r#"{"type":"ping"}"#)]);
+    }
+
+    #[test]
+    fn too_large_then_resumes_after_newline() {
+        let mut input = b"{\"a\":\"".to_vec();
+        input.extend(std::iter::repeat_n(b'x', 100));
+        input.extend_from_slice(b"\"}\n{\"b\":1}");
+        assert_eq!(frames(&input, 50), vec![Frame::TooLarge, object(r#"{"b":1}"#)]);
+    }
+
+    #[test]
+    fn pending_is_bounded() {
+        let mut framer = Framer::new(64);
+        framer.buffer_mut().extend_from_slice(b"{\"a\":\"");
+        framer.buffer_mut().extend_from_slice(&[b'x'; 100]);
+        assert_eq!(framer.next_frame(), Some(Frame::TooLarge));
+        assert_eq!(framer.pending_len(), 0);
+    }
+}

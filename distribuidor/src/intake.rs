@@ -1,0 +1,143 @@
+//! What the distribuidor does with each request: validate a task, record it
+//! as `queued`, publish it with a confirm, and only then ack; answer status
+//! queries from PostgreSQL.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use tareas_common::builtin::{self, PayloadError};
+use tareas_common::db::{Db, Submission, TaskRecord};
+use tareas_common::protocol::{ErrorCode, Reply, RequestError, StatusState, TaskRequest};
+use tareas_common::task::{TaskId, TaskMessage, TaskReport, TaskState};
+
+use crate::broker::Broker;
+use crate::router::{ConnectionId, ResultSender, Router};
+
+/// What every connection shares.
+pub struct Shared {
+    /// The `tasks` table.
+    pub db: Db,
+    /// The link to RabbitMQ.
+    pub broker: Broker,
+    /// Where results for this instance's clients are routed.
+    pub router: Arc<Router>,
+    /// Task types accepted besides the built-ins.
+    pub extra_task_types: HashSet<String>,
+}
+
+/// The replies to one request, in order, and the task whose result the
+/// connection now waits for, if any.
+pub struct Handled {
+    pub replies: Vec<Reply>,
+    pub subscribed: Option<TaskId>,
+}
+
+impl Handled {
+    fn one(reply: Reply) -> Handled {
+        Handled { replies: vec![reply], subscribed: None }
+    }
+}
+
+impl Shared {
+    /// Turns a task request into the message to queue, or says why not.
+    /// Runs before anything is written anywhere.
+    pub fn prepare(&self, request: TaskRequest) -> Result<TaskMessage, RequestError> {
+        let task_id = match &request.task_id {
+            Some(raw) => TaskId::parse(raw)?,
+            None => TaskId::generate(),
+        };
+        let refuse = |err: PayloadError| {
+            let code = match err {
+                PayloadError::UnknownTaskType(_) => ErrorCode::UnknownTaskType,
+                PayloadError::Invalid { .. } => ErrorCode::InvalidPayload,
+            };
+            RequestError { code, message: err.to_string(), task_id: Some(task_id.to_string()) }
+        };
+        let (task_type, payload) = builtin::normalize(request.task_type, request.payload).map_err(refuse)?;
+        if builtin::is_builtin(&task_type) {
+            builtin::validate(&task_type, &payload).map_err(refuse)?;
+        } else if !self.extra_task_types.contains(&task_type) {
+            return Err(refuse(PayloadError::UnknownTaskType(task_type)));
+        }
+        Ok(TaskMessage { task_id, task_type, payload, notify: request.notify.unwrap_or(true) })
+    }
+
+    /// Queues a prepared task and returns the ack, or `unavailable`.
+    ///
+    /// A task id seen before is acked again without a second run: a
+    /// finished one gets its stored result pushed, a running one is left
+    /// alone, and a queued one is published again (its first publish may
+    /// never have been confirmed; the worker's writes make a duplicate
+    /// message harmless).
+    pub async fn submit(&self, task: TaskMessage, connection: ConnectionId, results: &ResultSender) -> Handled {
+        let task_id = task.task_id.clone();
+        let unavailable = |what: String| {
+            Handled::one(Reply::error(
+                ErrorCode::Unavailable,
+                format!("{what}; the task was NOT accepted, retry later"),
+                Some(task_id.to_string()),
+            ))
+        };
+        let ack = Reply::Ack { task_id: task_id.clone(), status: TaskState::Queued };
+        if task.notify {
+            self.router.subscribe(&task_id, connection, results);
+        }
+        let must_publish = match self.db.insert_queued(&task).await {
+            Ok(Submission::New) => true,
+            Ok(Submission::Existing(record)) if record.state.is_terminal() => {
+                self.router.unsubscribe(&task_id, connection);
+                let mut replies = vec![ack];
+                if task.notify {
+                    replies.push(Reply::Result(report_from_record(&task_id, record)));
+                }
+                return Handled { replies, subscribed: None };
+            }
+            Ok(Submission::Existing(record)) => record.state == TaskState::Queued,
+            Err(err) => {
+                tracing::warn!(task_id = %task_id, cause = %err, "cannot record task");
+                self.router.unsubscribe(&task_id, connection);
+                return unavailable(format!("database unavailable ({err})"));
+            }
+        };
+        if must_publish {
+            if let Err(err) = self.broker.publish(&task).await {
+                tracing::warn!(task_id = %task_id, cause = %err, "cannot publish task");
+                self.router.unsubscribe(&task_id, connection);
+                return unavailable(format!("broker unavailable ({err})"));
+            }
+        }
+        Handled { replies: vec![ack], subscribed: task.notify.then_some(task_id) }
+    }
+
+    /// Answers `{"type":"status"}`.
+    pub async fn status(&self, raw_task_id: String) -> Reply {
+        if let Err(err) = TaskId::parse(&raw_task_id) {
+            return Reply::error(ErrorCode::InvalidRequest, err.to_string(), None);
+        }
+        match self.db.status(&raw_task_id).await {
+            Ok(Some(record)) => Reply::Status {
+                task_id: raw_task_id,
+                state: StatusState::from(record.state),
+                result: record.result,
+                error: record.error,
+            },
+            Ok(None) => Reply::Status { task_id: raw_task_id, state: StatusState::Unknown, result: None, error: None },
+            Err(err) => Reply::error(
+                ErrorCode::Unavailable,
+                format!("database unavailable ({err}); retry later"),
+                Some(raw_task_id),
+            ),
+        }
+    }
+}
+
+fn report_from_record(task_id: &TaskId, record: TaskRecord) -> TaskReport {
+    TaskReport {
+        task_id: task_id.clone(),
+        status: record.state,
+        result: record.result,
+        error: record.error,
+        worker_id: record.worker_id,
+        duration_ms: record.duration_ms,
+    }
+}

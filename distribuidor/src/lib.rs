@@ -1,0 +1,82 @@
+//! The distribuidor: the TCP front door of Tareas.
+//!
+//! # Layout
+//! - [`config`]: flags and environment variables.
+//! - [`server`]: the accept loop and connection limit.
+//! - [`connection`]: one client: framing, pipelining, replies in order, pushed results.
+//! - [`framing`]: splits a byte stream into JSON objects, newline or not.
+//! - [`intake`]: validate, record, publish with confirm, ack; status queries.
+//! - [`broker`]: the RabbitMQ link: confirms, reconnects, this instance's reply queue.
+//! - [`router`]: routes results from the reply queue to the waiting connections.
+
+pub mod broker;
+pub mod config;
+pub mod connection;
+pub mod framing;
+pub mod intake;
+pub mod router;
+pub mod server;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use tareas_common::db::{self, Db};
+use tareas_common::topology::Topology;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::intake::Shared;
+use crate::router::Router;
+
+/// A distribuidor with its dependencies being connected in the background.
+pub struct Distribuidor {
+    shared: Arc<Shared>,
+    config: Config,
+    /// Becomes `true` once the database schema is in place.
+    migrated: watch::Receiver<bool>,
+}
+
+impl Distribuidor {
+    /// Starts connecting to RabbitMQ and PostgreSQL (retrying with backoff
+    /// until `shutdown`); fails only on configuration errors.
+    pub fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Distribuidor> {
+        let db = Db::new(&config.database.database_url, config.limits.db_pool_size)?;
+        let router = Arc::new(Router::new());
+        let broker = Broker::start(
+            config.broker.amqp_url.clone(),
+            Topology::new(config.broker.queue.clone()),
+            router.clone(),
+            shutdown.clone(),
+        );
+        let (migrated_tx, migrated) = watch::channel(false);
+        let migrating = db.clone();
+        tokio::spawn(async move {
+            let done = tareas_common::backoff::retry_until_ok("PostgreSQL", db::HINT, &shutdown, || migrating.migrate()).await;
+            if done.is_some() {
+                migrated_tx.send_replace(true);
+            }
+        });
+        let shared = Arc::new(Shared {
+            db,
+            broker,
+            router,
+            extra_task_types: config.extra_task_types.iter().cloned().collect::<HashSet<_>>(),
+        });
+        Ok(Distribuidor { shared, config, migrated })
+    }
+
+    /// Waits until RabbitMQ is connected and the schema is in place.
+    pub async fn ready(&self) {
+        self.shared.broker.wait_connected().await;
+        let mut migrated = self.migrated.clone();
+        let _ = migrated.wait_for(|done| *done).await;
+    }
+
+    /// Serves clients on `listener` until `shutdown`, then drains.
+    pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) {
+        server::run(listener, self.shared, self.config.limits, shutdown).await;
+    }
+}

@@ -1,0 +1,34 @@
+//! `distribuidor`: parse the configuration, start logging, serve.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use tareas_distribuidor::config::Config;
+use tareas_distribuidor::Distribuidor;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = Config::parse();
+    tareas_common::telemetry::init(config.log.log_format);
+    match run(config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            eprintln!("distribuidor: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let shutdown = tareas_common::shutdown::on_signal();
+    let listener = tokio::net::TcpListener::bind(config.addr)
+        .await
+        .with_context(|| format!("cannot listen on {} (DISTRIBUIDOR_ADDR); is another distribuidor running?", config.addr))?;
+    tracing::info!(addr = %listener.local_addr()?, queue = %config.broker.queue, "distribuidor listening");
+    let distribuidor = Distribuidor::start(config, shutdown.clone())?;
+    distribuidor.serve(listener, shutdown).await;
+    tracing::info!("distribuidor stopped");
+    Ok(())
+}
