@@ -1,1 +1,80 @@
-//! placeholder
+//! The Tareas worker, as a library: build a [`Registry`] of handlers, then
+//! [`Worker::run`] it. The `worker` binary registers the built-ins; a user
+//! adds their own task types the same way (see `examples/custom_worker.rs`).
+//!
+//! # Layout
+//! - [`config`]: flags and environment variables.
+//! - [`registry`]: task_type → handler, and the handler error type.
+//! - [`builtins`]: the built-in task types.
+//! - [`executor`]: runs one handler: blocking pool, time limit, panics caught.
+//! - [`consumer`]: the RabbitMQ side: prefetch, ack policy, replies, reconnects.
+//! - [`store`]: the S3 side of persistence (PostgreSQL is `tareas_common::db`).
+
+pub mod builtins;
+pub mod config;
+pub mod consumer;
+pub mod executor;
+pub mod registry;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tareas_common::backoff::retry_until_ok;
+use tareas_common::db::{self, Db};
+use tareas_common::topology::Topology;
+use tokio_util::sync::CancellationToken;
+
+pub use crate::config::WorkerConfig;
+pub use crate::registry::{Registry, TaskError};
+use crate::store::s3::{self, S3Store};
+
+/// A worker ready to run.
+pub struct Worker {
+    context: consumer::Context,
+}
+
+impl Worker {
+    /// Builds a worker that runs the handlers of `registry`. Fails only on
+    /// configuration errors; dependencies are connected by [`Worker::run`].
+    pub fn new(config: &WorkerConfig, registry: Registry) -> anyhow::Result<Worker> {
+        let concurrency = config.concurrency();
+        let context = consumer::Context {
+            registry,
+            amqp_url: config.broker.amqp_url.clone(),
+            db: Db::new(&config.database.database_url, concurrency + 2)?,
+            s3: S3Store::new(&config.s3),
+            topology: Topology::new(config.broker.queue.clone()),
+            worker_id: config.worker_id(),
+            concurrency,
+            task_time_limit: Duration::from_secs(config.task_time_limit_secs),
+            drain_limit: Duration::from_secs(config.shutdown_timeout_secs),
+        };
+        Ok(Worker { context })
+    }
+
+    /// A worker running the built-in task types.
+    pub fn with_builtins(config: &WorkerConfig) -> anyhow::Result<Worker> {
+        let mut registry = Registry::new();
+        builtins::register(&mut registry);
+        Worker::new(config, registry)
+    }
+
+    pub fn worker_id(&self) -> &str {
+        &self.context.worker_id
+    }
+
+    /// Prepares the schema and the bucket, then consumes until `shutdown`,
+    /// draining in-flight tasks before it returns. Waits (logging once) for
+    /// any dependency that is not there yet.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let ctx = self.context;
+        if retry_until_ok("PostgreSQL", db::HINT, &shutdown, || ctx.db.migrate()).await.is_none() {
+            return;
+        }
+        if retry_until_ok("S3", s3::HINT, &shutdown, || ctx.s3.ensure_bucket()).await.is_none() {
+            return;
+        }
+        consumer::run(Arc::new(ctx), shutdown).await;
+    }
+}

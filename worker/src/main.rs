@@ -1,1 +1,24 @@
-fn main() {}
+//! `worker`: parse the configuration, start logging, run the built-ins.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tareas_worker::{Worker, WorkerConfig};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = WorkerConfig::parse();
+    tareas_common::telemetry::init(config.log.log_format);
+    let shutdown = tareas_common::shutdown::on_signal();
+    let worker = match Worker::with_builtins(&config) {
+        Ok(worker) => worker,
+        Err(err) => {
+            eprintln!("worker: {err:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(worker_id = worker.worker_id(), queue = %config.broker.queue, "worker starting");
+    worker.run(shutdown).await;
+    tracing::info!("worker stopped");
+    ExitCode::SUCCESS
+}

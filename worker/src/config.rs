@@ -1,0 +1,54 @@
+//! The worker's configuration: flags with environment twins.
+
+use clap::Parser;
+use tareas_common::config::{BrokerArgs, DatabaseArgs, LogArgs, S3Args};
+
+/// Tareas worker: runs queued tasks and stores their results.
+#[derive(Debug, Clone, Parser)]
+#[command(version, about)]
+pub struct WorkerConfig {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub s3: S3Args,
+    /// Tasks run at once by this process; also the RabbitMQ prefetch.
+    /// Default: the number of CPU cores.
+    #[arg(long, env = "WORKER_CONCURRENCY")]
+    pub concurrency: Option<usize>,
+    /// Name reported in results and stored in `tasks.worker_id`.
+    /// Default: `<hostname>-<pid>`.
+    #[arg(long, env = "WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// Seconds a task may run before it is failed with a time-limit error.
+    #[arg(long, env = "TAREAS_TASK_TIME_LIMIT_SECS", default_value_t = 300)]
+    pub task_time_limit_secs: u64,
+    /// Seconds in-flight tasks get to finish after SIGTERM; the rest are handed back to RabbitMQ.
+    #[arg(long, env = "TAREAS_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
+    pub shutdown_timeout_secs: u64,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+impl WorkerConfig {
+    /// The defaults, as if no flag or environment variable were set.
+    pub fn defaults() -> WorkerConfig {
+        WorkerConfig::parse_from(["worker"])
+    }
+
+    pub fn concurrency(&self) -> usize {
+        self.concurrency
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, usize::from))
+            .max(1)
+    }
+
+    pub fn worker_id(&self) -> String {
+        self.worker_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|name| name.trim().to_owned())
+                .unwrap_or_else(|_| "worker".to_owned());
+            format!("{host}-{}", std::process::id())
+        })
+    }
+}

@@ -1,0 +1,107 @@
+//! Runs one task's handler: off the async runtime when it is blocking,
+//! within a time limit, with panics caught. Knows nothing of AMQP.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tareas_common::task::{TaskMessage, TaskState};
+
+use crate::registry::{Handler, Registry, TaskError};
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    /// `Succeeded` or `Failed`.
+    pub state: TaskState,
+    pub result: Option<Value>,
+    pub error: Option<String>,
+    pub duration: Duration,
+}
+
+/// Runs `task` with the handler its type names.
+pub async fn execute(registry: &Registry, task: &TaskMessage, time_limit: Duration) -> Outcome {
+    let started = Instant::now();
+    let outcome = match registry.get(&task.task_type) {
+        None => Err(TaskError::permanent(format!(
+            "no handler for task_type {:?} in this worker (it runs: {})",
+            task.task_type,
+            registry.task_types().join(", ")
+        ))),
+        Some(handler) => run(handler, task.payload.clone(), time_limit).await,
+    };
+    let duration = started.elapsed();
+    match outcome {
+        Ok(result) => Outcome { state: TaskState::Succeeded, result: Some(result), error: None, duration },
+        Err(err) => Outcome { state: TaskState::Failed, result: None, error: Some(err.message), duration },
+    }
+}
+
+async fn run(handler: &Handler, payload: Value, time_limit: Duration) -> Result<Value, TaskError> {
+    let task = match handler {
+        Handler::Blocking(f) => {
+            let f = f.clone();
+            tokio::task::spawn_blocking(move || f(payload))
+        }
+        Handler::Async(f) => tokio::spawn(f(payload)),
+    };
+    let abort = task.abort_handle();
+    match tokio::time::timeout(time_limit, task).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(join)) if join.is_panic() => Err(TaskError::permanent(format!(
+            "the handler panicked: {}",
+            panic_message(join.into_panic())
+        ))),
+        Ok(Err(join)) => Err(TaskError::transient(format!("the handler was cancelled: {join}"))),
+        Err(_) => {
+            // Async handlers stop here; a blocking one runs on, detached.
+            abort.abort();
+            Err(TaskError::permanent(format!(
+                "the task exceeded its time limit of {:.1}s",
+                time_limit.as_secs_f64()
+            )))
+        }
+    }
+}
+
+fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(text) = panic.downcast_ref::<&str>() {
+        (*text).to_owned()
+    } else if let Some(text) = panic.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "(no message)".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use tareas_common::task::TaskId;
+
+    fn task(task_type: &str) -> TaskMessage {
+        TaskMessage { task_id: TaskId::generate(), task_type: task_type.into(), payload: json!({}), notify: true }
+    }
+
+    #[tokio::test]
+    async fn panics_and_timeouts_are_failures() {
+        let mut registry = Registry::new();
+        registry
+            .register_blocking("boom", |_| panic!("kaput"))
+            .register_async("slow", |_| async {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                Ok(json!(null))
+            })
+            .register_blocking("ok", |_| Ok(json!(1)));
+        let limit = Duration::from_secs(30);
+        let boom = execute(&registry, &task("boom"), limit).await;
+        assert_eq!(boom.state, TaskState::Failed);
+        let error = boom.error.unwrap();
+        assert!(error.contains("kaput"), "{error}");
+        let slow = execute(&registry, &task("slow"), Duration::from_millis(50)).await;
+        assert!(slow.error.unwrap().contains("time limit"));
+        let missing = execute(&registry, &task("nope"), limit).await;
+        assert!(missing.error.unwrap().contains("no handler"));
+        assert_eq!(execute(&registry, &task("ok"), limit).await.result, Some(json!(1)));
+    }
+}

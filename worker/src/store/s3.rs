@@ -1,0 +1,119 @@
+//! The S3 side of the store: path-style, SigV4, any S3-compatible server.
+
+use std::time::Duration;
+
+use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::Client;
+use tareas_common::config::S3Args;
+
+/// Hint printed when the S3 server cannot be reached.
+pub const HINT: &str =
+    "check S3_ENDPOINT and the AWS_* credentials; locally start the S3 server with `scripts/services`";
+
+/// A failed S3 call, with the operation it was.
+#[derive(Debug, thiserror::Error)]
+#[error("S3 {operation} failed: {message}")]
+pub struct S3Error {
+    pub operation: &'static str,
+    pub message: String,
+}
+
+impl S3Error {
+    fn new<E: std::error::Error>(operation: &'static str, err: E) -> S3Error {
+        let mut message = err.to_string();
+        let mut source = err.source();
+        while let Some(cause) = source {
+            message.push_str(": ");
+            message.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        S3Error { operation, message }
+    }
+}
+
+/// The result bucket.
+#[derive(Clone)]
+pub struct S3Store {
+    client: Client,
+    bucket: String,
+}
+
+impl S3Store {
+    pub fn new(args: &S3Args) -> S3Store {
+        let credentials = Credentials::new(&args.aws_access_key_id, &args.aws_secret_access_key, None, None, "tareas");
+        let config = aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .endpoint_url(&args.s3_endpoint)
+            .region(Region::new(args.aws_region.clone()))
+            .credentials_provider(credentials)
+            .force_path_style(true)
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(3))
+                    .operation_attempt_timeout(Duration::from_secs(10))
+                    .build(),
+            )
+            .build();
+        S3Store { client: Client::from_conf(config), bucket: args.s3_bucket.clone() }
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    /// The key of a task's result document.
+    pub fn key(task_id: &str) -> String {
+        format!("results/{task_id}.json")
+    }
+
+    /// Creates the bucket unless it exists.
+    pub async fn ensure_bucket(&self) -> Result<(), S3Error> {
+        if self.client.head_bucket().bucket(&self.bucket).send().await.is_ok() {
+            return Ok(());
+        }
+        match self.client.create_bucket().bucket(&self.bucket).send().await {
+            Ok(_) => {
+                tracing::info!(bucket = %self.bucket, "created S3 bucket");
+                Ok(())
+            }
+            Err(err) => {
+                let service = err.as_service_error();
+                if service.is_some_and(|e| e.is_bucket_already_owned_by_you() || e.is_bucket_already_exists()) {
+                    Ok(())
+                } else {
+                    Err(S3Error::new("CreateBucket", err))
+                }
+            }
+        }
+    }
+
+    /// Writes a task's result document.
+    pub async fn put_result(&self, task_id: &str, document: Vec<u8>) -> Result<(), S3Error> {
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(Self::key(task_id))
+            .content_type("application/json")
+            .body(ByteStream::from(document))
+            .send()
+            .await
+            .map_err(|err| S3Error::new("PutObject", err))?;
+        Ok(())
+    }
+
+    /// Reads a task's result document, if there is one (for tests and tools).
+    pub async fn get_result(&self, task_id: &str) -> Result<Option<Vec<u8>>, S3Error> {
+        match self.client.get_object().bucket(&self.bucket).key(Self::key(task_id)).send().await {
+            Ok(object) => {
+                let bytes = object.body.collect().await.map_err(|err| S3Error::new("GetObject", err))?;
+                Ok(Some(bytes.into_bytes().to_vec()))
+            }
+            Err(err) if err.as_service_error().is_some_and(|e| e.is_no_such_key()) => Ok(None),
+            Err(err) => Err(S3Error::new("GetObject", err)),
+        }
+    }
+}
