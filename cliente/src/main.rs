@@ -1,1 +1,108 @@
-fn main() {}
+//! `cliente`: the command-line client of Tareas.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use cliente::{demo, Client};
+use tareas_common::protocol::{Reply, Request, TaskRequest};
+use tareas_common::task::TaskState;
+
+/// Send tasks to a Tareas distribuidor. With no command: one task of each
+/// built-in type, printing acks and results as they arrive.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// The distribuidor's address.
+    #[arg(long, env = "DISTRIBUIDOR_ADDR", default_value = "127.0.0.1:8888", global = true)]
+    addr: String,
+    /// Seconds to wait for replies and results.
+    #[arg(long, default_value_t = 60, global = true)]
+    timeout: u64,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Submit one task and print its ack (and its result with --wait).
+    Submit {
+        /// hash, fibonacci, reverse, sum, compute, sleep, echo, or a custom type.
+        task_type: String,
+        /// The payload as JSON, e.g. '{"text":"hola"}'.
+        #[arg(long, default_value = "{}")]
+        payload: String,
+        /// Choose the task id (resubmitting it runs the task only once).
+        #[arg(long)]
+        task_id: Option<String>,
+        /// Wait for the result and print it.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Print a task's state and result.
+    Status { task_id: String },
+    /// Check that the distribuidor answers.
+    Ping,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("cliente: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let limit = Duration::from_secs(cli.timeout);
+    match cli.command {
+        None => {
+            let summary = demo::run(&cli.addr, limit, true).await?;
+            if !summary.errors.is_empty() {
+                bail!("{} task(s) were refused: {}", summary.errors.len(), summary.errors.join("; "));
+            }
+            Ok(())
+        }
+        Some(Command::Submit { task_type, payload, task_id, wait }) => {
+            let payload = serde_json::from_str(&payload).context("--payload is not valid JSON")?;
+            let mut client = Client::connect(&cli.addr).await?;
+            let task = TaskRequest { task_id, task_type: Some(task_type), payload: Some(payload), notify: Some(wait) };
+            client.submit(task).await?;
+            let ack = expect_ok(client.recv_within(limit).await?)?;
+            println!("{}", serde_json::to_string(&ack)?);
+            if wait {
+                let result = expect_ok(client.recv_within(limit).await?)?;
+                println!("{}", serde_json::to_string(&result)?);
+                if let Reply::Result(report) = result {
+                    if report.status == TaskState::Failed {
+                        bail!("task {} failed: {}", report.task_id, report.error.unwrap_or_default());
+                    }
+                }
+            }
+            Ok(())
+        }
+        Some(Command::Status { task_id }) => one_request(&cli.addr, Request::Status { task_id }, limit).await,
+        Some(Command::Ping) => one_request(&cli.addr, Request::Ping, limit).await,
+    }
+}
+
+async fn one_request(addr: &str, request: Request, limit: Duration) -> anyhow::Result<()> {
+    let mut client = Client::connect(addr).await?;
+    client.send(&request).await?;
+    let reply = expect_ok(client.recv_within(limit).await?)?;
+    println!("{}", serde_json::to_string(&reply)?);
+    Ok(())
+}
+
+/// An error reply becomes an error, with its code and message.
+fn expect_ok(reply: Reply) -> anyhow::Result<Reply> {
+    match reply {
+        Reply::Error(error) => bail!("{} ({})", error.message, error.code.as_str()),
+        other => Ok(other),
+    }
+}

@@ -55,6 +55,17 @@ pub enum Submission {
     Existing(TaskRecord),
 }
 
+/// What a worker may do with a delivered task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// It is this worker's to run: the row now says `running`.
+    Started,
+    /// Another delivery of the same task is running it: nothing to do.
+    RunningElsewhere,
+    /// It finished before: only make sure its result is stored and reported.
+    Finished,
+}
+
 /// How a task ended, as the worker records it.
 #[derive(Debug, Clone)]
 pub struct Finish<'a> {
@@ -159,11 +170,16 @@ impl Db {
         }))
     }
 
-    /// Marks a delivered task `running` (creating its row if a publisher
-    /// other than the distribuidor sent it). Returns `false`, changing
-    /// nothing, when the task is already finished.
-    pub async fn mark_running(&self, task: &TaskMessage, worker_id: &str) -> Result<bool, DbError> {
+    /// Claims a delivered task for `worker_id`, marking it `running`
+    /// (creating its row if a publisher other than the distribuidor sent it).
+    ///
+    /// A first delivery (`redelivered == false`) only claims a `queued`
+    /// task: finding it `running` means a duplicate message whose twin is
+    /// being run right now. A redelivery also takes over a `running` task,
+    /// whose previous worker died or let go of it.
+    pub async fn claim(&self, task: &TaskMessage, worker_id: &str, redelivered: bool) -> Result<Claim, DbError> {
         let client = self.pool.get().await?;
+        let claimable = if redelivered { vec!["queued", "running"] } else { vec!["queued"] };
         let changed = client
             .execute(
                 "INSERT INTO tasks (task_id, task_type, payload, state, worker_id, attempts, started_at)
@@ -171,11 +187,19 @@ impl Db {
                  ON CONFLICT (task_id) DO UPDATE
                  SET state = 'running', worker_id = EXCLUDED.worker_id,
                      attempts = tasks.attempts + 1, started_at = now()
-                 WHERE tasks.state IN ('queued', 'running')",
-                &[&task.task_id.as_str(), &task.task_type, &task.payload, &worker_id],
+                 WHERE tasks.state = ANY($5)",
+                &[&task.task_id.as_str(), &task.task_type, &task.payload, &worker_id, &claimable],
             )
             .await?;
-        Ok(changed == 1)
+        if changed == 1 {
+            return Ok(Claim::Started);
+        }
+        drop(client);
+        Ok(match self.status(task.task_id.as_str()).await?.map(|record| record.state) {
+            Some(state) if state.is_terminal() => Claim::Finished,
+            Some(_) => Claim::RunningElsewhere,
+            None => Claim::RunningElsewhere,
+        })
     }
 
     /// Records how a task ended, unless it had ended already, and returns

@@ -20,7 +20,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::Value;
 use tareas_common::backoff::retry_until_ok;
-use tareas_common::db::{self, Db, Finish};
+use tareas_common::db::{self, Claim, Db, Finish};
 use tareas_common::task::{TaskMessage, TaskReport, TaskState};
 use tareas_common::topology::Topology;
 use tokio_util::sync::CancellationToken;
@@ -138,10 +138,18 @@ async fn process(ctx: Arc<Context>, channel: Channel, delivery: Delivery, abando
             return;
         }
     };
-    let Some(report) = handle(&ctx, &task, &abandon).await else {
-        tracing::info!(task_id = %task.task_id, "handing the task back to RabbitMQ");
-        let _ = delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await;
-        return;
+    let report = match handle(&ctx, &task, delivery.redelivered, &abandon).await {
+        Handled::Stored(report) => report,
+        Handled::Duplicate => {
+            tracing::debug!(task_id = %task.task_id, "duplicate message of a running task; dropping it");
+            let _ = delivery.ack(BasicAckOptions::default()).await;
+            return;
+        }
+        Handled::Abandoned => {
+            tracing::info!(task_id = %task.task_id, "handing the task back to RabbitMQ");
+            let _ = delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await;
+            return;
+        }
     };
     if task.notify {
         if let Some(reply_to) = delivery.properties.reply_to() {
@@ -153,13 +161,39 @@ async fn process(ctx: Arc<Context>, channel: Channel, delivery: Delivery, abando
     }
 }
 
-/// Runs the task unless it already finished, and stores its result in
-/// PostgreSQL then S3. `None` when abandoned before both writes succeeded.
-async fn handle(ctx: &Context, task: &TaskMessage, abandon: &CancellationToken) -> Option<TaskReport> {
+/// What became of one delivery.
+enum Handled {
+    /// The result is in PostgreSQL and S3: reply and ack.
+    Stored(TaskReport),
+    /// Another copy of the message is running the task: ack this one.
+    Duplicate,
+    /// Given up (shutdown or lost connection) before both writes: hand it back.
+    Abandoned,
+}
+
+async fn handle(ctx: &Context, task: &TaskMessage, redelivered: bool, abandon: &CancellationToken) -> Handled {
+    match store_result(ctx, task, redelivered, abandon).await {
+        Some(Some(report)) => Handled::Stored(report),
+        Some(None) => Handled::Duplicate,
+        None => Handled::Abandoned,
+    }
+}
+
+/// Runs the task unless it already finished or runs elsewhere, and stores
+/// its result in PostgreSQL then S3. `None` when abandoned before both
+/// writes succeeded; `Some(None)` for a duplicate.
+async fn store_result(
+    ctx: &Context,
+    task: &TaskMessage,
+    redelivered: bool,
+    abandon: &CancellationToken,
+) -> Option<Option<TaskReport>> {
     let task_id = task.task_id.as_str();
-    let should_run =
-        retry_until_ok("PostgreSQL", db::HINT, abandon, || ctx.db.mark_running(task, &ctx.worker_id)).await?;
-    let document = if should_run {
+    let claim =
+        retry_until_ok("PostgreSQL", db::HINT, abandon, || ctx.db.claim(task, &ctx.worker_id, redelivered)).await?;
+    let document = if claim == Claim::RunningElsewhere {
+        return Some(None);
+    } else if claim == Claim::Started {
         let outcome = tokio::select! {
             () = abandon.cancelled() => return None,
             outcome = executor::execute(&ctx.registry, task, ctx.task_time_limit) => outcome,
@@ -181,7 +215,7 @@ async fn handle(ctx: &Context, task: &TaskMessage, abandon: &CancellationToken) 
     };
     let bytes = serde_json::to_vec(&document).unwrap_or_default();
     retry_until_ok("S3", s3::HINT, abandon, || ctx.s3.put_result(task_id, bytes.clone())).await?;
-    report_from_document(task, &document)
+    Some(report_from_document(task, &document))
 }
 
 /// The report of a finished row.

@@ -1,0 +1,69 @@
+//! One connection to a distribuidor: send requests, receive replies (one
+//! JSON object per line).
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use tareas_common::protocol::{Reply, Request, TaskRequest};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+/// A client connection.
+pub struct Client {
+    lines: Lines<BufReader<OwnedReadHalf>>,
+    writer: OwnedWriteHalf,
+}
+
+impl Client {
+    pub async fn connect(addr: &str) -> anyhow::Result<Client> {
+        let stream = TcpStream::connect(addr).await.with_context(|| {
+            format!("cannot connect to the distribuidor at {addr}; is it running (`scripts/run`), and is DISTRIBUIDOR_ADDR right?")
+        })?;
+        stream.set_nodelay(true)?;
+        let (reader, writer) = stream.into_split();
+        Ok(Client { lines: BufReader::new(reader).lines(), writer })
+    }
+
+    /// Sends one request, newline-terminated.
+    pub async fn send(&mut self, request: &Request) -> anyhow::Result<()> {
+        let mut line = serde_json::to_vec(request)?;
+        line.push(b'\n');
+        self.send_raw(&line).await
+    }
+
+    /// Sends raw bytes, as they are (for tests of malformed input).
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        self.writer.write_all(bytes).await.context("the distribuidor closed the connection")?;
+        Ok(())
+    }
+
+    /// Submits a task.
+    pub async fn submit(&mut self, task: TaskRequest) -> anyhow::Result<()> {
+        self.send(&Request::Task(task)).await
+    }
+
+    /// The next reply; `None` when the distribuidor closed the connection.
+    pub async fn recv(&mut self) -> anyhow::Result<Option<Reply>> {
+        let Some(line) = self.lines.next_line().await.context("reading from the distribuidor")? else {
+            return Ok(None);
+        };
+        let reply = serde_json::from_str(&line).with_context(|| format!("unreadable reply from the distribuidor: {line}"))?;
+        Ok(Some(reply))
+    }
+
+    /// The next reply within `limit`; an error on timeout or closed connection.
+    pub async fn recv_within(&mut self, limit: Duration) -> anyhow::Result<Reply> {
+        match tokio::time::timeout(limit, self.recv()).await {
+            Err(_) => bail!("no reply from the distribuidor within {limit:?}"),
+            Ok(Ok(None)) => bail!("the distribuidor closed the connection"),
+            Ok(reply) => Ok(reply?.unwrap_or(Reply::Pong)),
+        }
+    }
+
+    /// Closes the sending half (the distribuidor then finishes and closes).
+    pub async fn finish_sending(&mut self) -> anyhow::Result<()> {
+        self.writer.shutdown().await?;
+        Ok(())
+    }
+}

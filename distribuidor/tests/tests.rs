@@ -1,0 +1,7 @@
+//! End-to-end tests: the real distribuidor and workers, in-process, against
+//! the real RabbitMQ, PostgreSQL and S3 server (`scripts/services`).
+
+mod bad_input;
+mod pipeline;
+mod scaling;
+mod util;

@@ -1,0 +1,192 @@
+//! Helpers: start the real distribuidor and workers in-process against the
+//! real RabbitMQ, PostgreSQL and S3 server, each test on its own queue.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use cliente::Client;
+use lapin::options::QueueDeleteOptions;
+use lapin::{Connection, ConnectionProperties};
+use serde_json::Value;
+use tareas_common::db::Db;
+use tareas_common::protocol::{Reply, Request, TaskRequest};
+use tareas_common::task::TaskReport;
+use tareas_common::topology::Topology;
+use tareas_distribuidor::config::Config;
+use tareas_distribuidor::Distribuidor;
+use tareas_worker::store::s3::S3Store;
+use tareas_worker::{Worker, WorkerConfig};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// How long any single wait in a test may take before the test fails.
+pub const LIMIT: Duration = Duration::from_secs(30);
+
+const START_SERVICES: &str = "start the services with `scripts/services`";
+
+/// One test's private deployment: its own queue, shared services.
+pub struct Deployment {
+    pub queue: String,
+    shutdown: CancellationToken,
+    handles: Vec<JoinHandle<()>>,
+}
+
+/// A running distribuidor.
+pub struct RunningDistribuidor {
+    pub addr: SocketAddr,
+}
+
+impl Deployment {
+    pub async fn new() -> Deployment {
+        check_services().await;
+        let queue = format!("test-{}", uuid::Uuid::new_v4());
+        Deployment { queue, shutdown: CancellationToken::new(), handles: Vec::new() }
+    }
+
+    pub fn distribuidor_config(&self) -> Config {
+        let mut config = Config::defaults();
+        config.broker.queue = self.queue.clone();
+        config.limits.shutdown_timeout_secs = 2;
+        config
+    }
+
+    pub fn worker_config(&self, worker_id: &str, concurrency: usize) -> WorkerConfig {
+        let mut config = WorkerConfig::defaults();
+        config.broker.queue = self.queue.clone();
+        config.worker_id = Some(worker_id.to_owned());
+        config.concurrency = Some(concurrency);
+        config.shutdown_timeout_secs = 2;
+        config
+    }
+
+    /// Starts a distribuidor on 127.0.0.1:0 and waits until it is ready.
+    pub async fn start_distribuidor(&mut self, config: Config) -> RunningDistribuidor {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("local addr");
+        let distribuidor = Distribuidor::start(config, self.shutdown.clone()).expect("distribuidor config");
+        tokio::time::timeout(LIMIT, distribuidor.ready())
+            .await
+            .unwrap_or_else(|_| panic!("distribuidor not ready within {LIMIT:?}; {START_SERVICES}"));
+        let shutdown = self.shutdown.clone();
+        self.handles.push(tokio::spawn(distribuidor.serve(listener, shutdown)));
+        RunningDistribuidor { addr }
+    }
+
+    /// Starts a distribuidor without waiting for its dependencies.
+    pub async fn start_distribuidor_unready(&mut self, config: Config) -> RunningDistribuidor {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("local addr");
+        let distribuidor = Distribuidor::start(config, self.shutdown.clone()).expect("distribuidor config");
+        let shutdown = self.shutdown.clone();
+        self.handles.push(tokio::spawn(distribuidor.serve(listener, shutdown)));
+        RunningDistribuidor { addr }
+    }
+
+    /// Starts a worker running the built-ins; returns its own stop token.
+    pub fn start_worker(&mut self, config: WorkerConfig) -> CancellationToken {
+        let worker = Worker::with_builtins(&config).expect("worker config");
+        let stop = self.shutdown.child_token();
+        self.handles.push(tokio::spawn(worker.run(stop.clone())));
+        stop
+    }
+
+    /// Stops everything and deletes the test's queues.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        for handle in self.handles {
+            let _ = tokio::time::timeout(LIMIT, handle).await;
+        }
+        delete_queues(&self.queue).await;
+    }
+}
+
+impl RunningDistribuidor {
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.addr.to_string()).await.expect("connect to the distribuidor")
+    }
+}
+
+/// Fails the test, with the fix, when a service is not reachable.
+async fn check_services() {
+    let amqp = WorkerConfig::defaults().broker.amqp_url;
+    if let Err(err) = Connection::connect(&amqp, ConnectionProperties::default()).await {
+        panic!("RabbitMQ is not reachable at {amqp}: {err}; {START_SERVICES}");
+    }
+    if let Err(err) = db().status("probe").await {
+        panic!("PostgreSQL is not reachable: {err}; {START_SERVICES}");
+    }
+    if let Err(err) = s3().ensure_bucket().await {
+        panic!("the S3 server is not reachable: {err}; {START_SERVICES}");
+    }
+}
+
+async fn delete_queues(queue: &str) {
+    let amqp = WorkerConfig::defaults().broker.amqp_url;
+    let Ok(connection) = Connection::connect(&amqp, ConnectionProperties::default()).await else { return };
+    let Ok(channel) = connection.create_channel().await else { return };
+    let topology = Topology::new(queue);
+    for name in [topology.queue.clone(), topology.dead_letter_queue()] {
+        let _ = channel.queue_delete(name.as_str().into(), QueueDeleteOptions::default()).await;
+    }
+    let _ = channel
+        .exchange_delete(topology.dead_letter_exchange().as_str().into(), Default::default())
+        .await;
+    let _ = connection.close(200, "test done".into()).await;
+}
+
+pub fn db() -> Db {
+    Db::new(&WorkerConfig::defaults().database.database_url, 2).expect("database url")
+}
+
+pub fn s3() -> S3Store {
+    S3Store::new(&WorkerConfig::defaults().s3)
+}
+
+/// A task request.
+pub fn task(task_type: &str, payload: Value) -> TaskRequest {
+    TaskRequest { task_type: Some(task_type.to_owned()), payload: Some(payload), ..TaskRequest::default() }
+}
+
+/// The next reply, or the test fails.
+pub async fn next(client: &mut Client) -> Reply {
+    client.recv_within(LIMIT).await.expect("a reply")
+}
+
+/// Submits a task and returns its ack'd id, or the test fails.
+pub async fn submit_ok(client: &mut Client, request: TaskRequest) -> String {
+    client.send(&Request::Task(request)).await.expect("send");
+    match next(client).await {
+        Reply::Ack { task_id, .. } => task_id.to_string(),
+        other => panic!("expected an ack, got {other:?}"),
+    }
+}
+
+/// Waits for the next result pushed on `client`.
+pub async fn next_result(client: &mut Client) -> TaskReport {
+    match next(client).await {
+        Reply::Result(report) => report,
+        other => panic!("expected a result, got {other:?}"),
+    }
+}
+
+/// The S3 document of a task, parsed.
+pub async fn s3_document(task_id: &str) -> Option<Value> {
+    let bytes = s3().get_result(task_id).await.expect("S3 get")?;
+    Some(serde_json::from_slice(&bytes).expect("S3 document is JSON"))
+}
+
+/// Polls a task's status until `accept` says yes (the state is written by
+/// another process, so there is nothing to wait on but the row itself).
+pub async fn wait_for_status(client: &mut Client, task_id: &str, accept: impl Fn(&Reply) -> bool) -> Reply {
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        client.send(&Request::Status { task_id: task_id.to_owned() }).await.expect("send status");
+        let reply = next(client).await;
+        if accept(&reply) {
+            return reply;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "status never matched; last: {reply:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
