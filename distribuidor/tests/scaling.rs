@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use serde_json::json;
 use tareas_common::protocol::{Reply, Request};
 
-use crate::util::{next, next_result, submit_ok, task, Deployment};
+use crate::util::{next, run_all, task, Deployment};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_share_the_work() {
@@ -14,13 +14,8 @@ async fn two_workers_share_the_work() {
     deployment.start_worker(deployment.worker_config("w-left", 1));
     deployment.start_worker(deployment.worker_config("w-right", 1));
     let mut client = distribuidor.client().await;
-    for _ in 0..20 {
-        submit_ok(&mut client, task("sleep", json!({"ms": 50}))).await;
-    }
-    let mut workers = HashSet::new();
-    for _ in 0..20 {
-        workers.insert(next_result(&mut client).await.worker_id.expect("worker id"));
-    }
+    let (_, results) = run_all(&mut client, (0..20).map(|_| task("sleep", json!({"ms": 50}))).collect()).await;
+    let workers: HashSet<String> = results.into_values().map(|r| r.worker_id.expect("worker id")).collect();
     assert_eq!(workers, HashSet::from(["w-left".to_owned(), "w-right".to_owned()]));
     deployment.stop().await;
 }
@@ -33,21 +28,18 @@ async fn results_reach_the_client_whichever_distribuidor_it_used() {
     deployment.start_worker(deployment.worker_config("w-shared", 4));
     let mut alice = first.client().await;
     let mut bob = second.client().await;
-    let mut alice_ids = HashSet::new();
-    let mut bob_ids = HashSet::new();
-    for i in 0..10 {
-        alice_ids.insert(submit_ok(&mut alice, task("echo", json!({"text": format!("alice {i}")}))).await);
-        bob_ids.insert(submit_ok(&mut bob, task("echo", json!({"text": format!("bob {i}")}))).await);
-    }
-    for (client, ids, name) in [(&mut alice, &alice_ids, "alice"), (&mut bob, &bob_ids, "bob")] {
-        let mut seen = HashSet::new();
-        for _ in 0..10 {
-            let report = next_result(client).await;
-            assert!(ids.contains(report.task_id.as_str()), "{name} got someone else's result");
-            assert!(report.result.unwrap()["text"].as_str().unwrap().starts_with(name));
-            seen.insert(report.task_id.to_string());
+    let requests = |name: &str| (0..10).map(|i| task("echo", json!({"text": format!("{name} {i}")}))).collect();
+    // Both clients at once, so that results for both are in flight together.
+    let ((alice_ids, alice_results), (bob_ids, bob_results)) =
+        tokio::join!(run_all(&mut alice, requests("alice")), run_all(&mut bob, requests("bob")));
+    for (name, ids, results) in [("alice", alice_ids, alice_results), ("bob", bob_ids, bob_results)] {
+        let seen: HashSet<String> = results.keys().cloned().collect();
+        assert_eq!(seen, ids.into_iter().collect::<HashSet<_>>(), "{name} got exactly its own results");
+        for report in results.values() {
+            assert!(report.result.as_ref().unwrap()["text"].as_str().unwrap().starts_with(name));
         }
-        assert_eq!(&seen, ids);
+    }
+    for (client, name) in [(&mut alice, "alice"), (&mut bob, "bob")] {
         client.send(&Request::Ping).await.unwrap();
         assert_eq!(next(client).await, Reply::Pong, "{name} got no extra results");
     }

@@ -2,6 +2,7 @@
 //! the real RabbitMQ, PostgreSQL and S3 server (`scripts/services`).
 
 mod bad_input;
+mod deployment;
 mod pipeline;
 mod scaling;
 mod util;

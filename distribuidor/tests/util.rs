@@ -162,6 +162,32 @@ pub async fn submit_ok(client: &mut Client, request: TaskRequest) -> String {
     }
 }
 
+/// Sends all `requests` pipelined and waits for every ack and every
+/// result; returns the acked ids in request order and the results by id.
+pub async fn run_all(
+    client: &mut Client,
+    requests: Vec<TaskRequest>,
+) -> (Vec<String>, std::collections::HashMap<String, TaskReport>) {
+    let count = requests.len();
+    for request in requests {
+        client.send(&Request::Task(request)).await.expect("send");
+    }
+    let mut acked = Vec::new();
+    let mut results = std::collections::HashMap::new();
+    while acked.len() < count || results.len() < count {
+        match next(client).await {
+            Reply::Ack { task_id, .. } => acked.push(task_id.to_string()),
+            Reply::Result(report) => {
+                assert!(acked.contains(&report.task_id.to_string()), "result before its ack: {report:?}");
+                let previous = results.insert(report.task_id.to_string(), report);
+                assert!(previous.is_none(), "a second result for {previous:?}");
+            }
+            other => panic!("expected acks and results, got {other:?}"),
+        }
+    }
+    (acked, results)
+}
+
 /// Waits for the next result pushed on `client`.
 pub async fn next_result(client: &mut Client) -> TaskReport {
     match next(client).await {

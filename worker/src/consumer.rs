@@ -43,6 +43,8 @@ pub struct Context {
     pub concurrency: usize,
     pub task_time_limit: Duration,
     pub drain_limit: Duration,
+    /// Touched while consuming; see [`crate::health`].
+    pub health_file: std::path::PathBuf,
 }
 
 /// Why a consume session ended.
@@ -60,9 +62,11 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
             return;
         };
         tracing::info!(queue = %ctx.topology.queue, worker_id = %ctx.worker_id, concurrency = ctx.concurrency, "consuming");
+        let heartbeat = crate::health::Heartbeat::start(ctx.health_file.clone());
         let abandon = CancellationToken::new();
         let tracker = TaskTracker::new();
         let ended = consume(&ctx, &channel, consumer, &tracker, &abandon, &shutdown).await;
+        drop(heartbeat);
         tracker.close();
         match ended {
             Ended::Shutdown => {

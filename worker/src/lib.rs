@@ -6,6 +6,7 @@
 //! - [`config`]: flags and environment variables.
 //! - [`registry`]: task_type → handler, and the handler error type.
 //! - [`builtins`]: the built-in task types.
+//! - [`health`]: the heartbeat file behind `worker --check-health`.
 //! - [`executor`]: runs one handler: blocking pool, time limit, panics caught.
 //! - [`consumer`]: the RabbitMQ side: prefetch, ack policy, replies, reconnects.
 //! - [`store`]: the S3 side of persistence (PostgreSQL is `tareas_common::db`).
@@ -14,6 +15,7 @@ pub mod builtins;
 pub mod config;
 pub mod consumer;
 pub mod executor;
+pub mod health;
 pub mod registry;
 pub mod store;
 
@@ -49,6 +51,7 @@ impl Worker {
             concurrency,
             task_time_limit: Duration::from_secs(config.task_time_limit_secs),
             drain_limit: Duration::from_secs(config.shutdown_timeout_secs),
+            health_file: config.health_file.clone(),
         };
         Ok(Worker { context })
     }

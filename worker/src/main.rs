@@ -8,6 +8,15 @@ use tareas_worker::{Worker, WorkerConfig};
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = WorkerConfig::parse();
+    if config.check_health {
+        return match tareas_worker::health::check(&config.health_file) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(why) => {
+                eprintln!("worker unhealthy: {why}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     tareas_common::telemetry::init(config.log.log_format);
     let shutdown = tareas_common::shutdown::on_signal();
     let worker = match Worker::with_builtins(&config) {
