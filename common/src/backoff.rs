@@ -1,8 +1,9 @@
-//! Exponential backoff with full jitter, for reconnect loops: waits grow
-//! from `min` to `max` and never spin.
+//! Exponential backoff with jitter for reconnect loops (waits grow from
+//! `min` to `max` and never spin), and [`Dependency`]: outages logged once.
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// The state of one retry loop.
@@ -41,12 +42,63 @@ impl Backoff {
     }
 }
 
+/// A dependency (RabbitMQ, PostgreSQL, S3) whose outages are logged once:
+/// one error when it goes away, with how to fix it, and one line when it is
+/// back, however many callers notice in between.
+#[derive(Debug)]
+pub struct Dependency {
+    /// What it is, for logs: "PostgreSQL".
+    pub name: &'static str,
+    /// How to fix it, for logs.
+    pub hint: &'static str,
+    /// Whether the last call failed.
+    down: AtomicBool,
+}
+
+impl Dependency {
+    pub const fn new(name: &'static str, hint: &'static str) -> Dependency {
+        Dependency { name, hint, down: AtomicBool::new(false) }
+    }
+
+    /// A call failed.
+    pub fn failed(&self, err: &dyn std::fmt::Display) {
+        if self.down.swap(true, Ordering::Relaxed) {
+            tracing::debug!(dependency = self.name, cause = %err, "{} still unavailable", self.name);
+        } else {
+            tracing::error!(dependency = self.name, cause = %err, "{} is unavailable; {}; retrying with backoff", self.name, self.hint);
+        }
+    }
+
+    /// A call succeeded.
+    pub fn succeeded(&self) {
+        if self.down.load(Ordering::Relaxed) && self.down.swap(false, Ordering::Relaxed) {
+            tracing::info!(dependency = self.name, "{} is reachable again", self.name);
+        }
+    }
+
+    pub fn is_down(&self) -> bool {
+        self.down.load(Ordering::Relaxed)
+    }
+}
+
+/// RabbitMQ, as every process sees it.
+pub static RABBITMQ: Dependency =
+    Dependency::new("RabbitMQ", "check AMQP_URL; locally start it with `scripts/services`");
+/// PostgreSQL, as every process sees it.
+pub static POSTGRES: Dependency = Dependency::new(
+    "PostgreSQL",
+    "check DATABASE_URL; locally start it with `scripts/services` (PostgreSQL 15 on 127.0.0.1:5432)",
+);
+/// The S3 server, as every process sees it.
+pub static S3: Dependency = Dependency::new(
+    "S3",
+    "check S3_ENDPOINT and the AWS_* credentials; locally start the S3 server with `scripts/services`",
+);
+
 /// Calls `attempt` until it succeeds or `cancel` fires (then `None`),
-/// waiting with backoff in between. Logs the first failure once, with
-/// `hint` saying how to fix it, and logs once when `what` is reachable again.
+/// waiting with backoff in between, and reports each outcome to `dependency`.
 pub async fn retry_until_ok<T, E, F, Fut>(
-    what: &str,
-    hint: &str,
+    dependency: &Dependency,
     cancel: &tokio_util::sync::CancellationToken,
     mut attempt: F,
 ) -> Option<T>
@@ -56,7 +108,6 @@ where
     Fut: std::future::Future<Output = Result<T, E>>,
 {
     let mut backoff = Backoff::reconnect();
-    let mut failures = 0u64;
     loop {
         let outcome = tokio::select! {
             () = cancel.cancelled() => return None,
@@ -64,19 +115,10 @@ where
         };
         match outcome {
             Ok(value) => {
-                if failures > 0 {
-                    tracing::info!(dependency = what, failures, "{what} is reachable again");
-                }
+                dependency.succeeded();
                 return Some(value);
             }
-            Err(err) => {
-                if failures == 0 {
-                    tracing::error!(dependency = what, cause = %err, "{what} is unavailable; {hint}; retrying with backoff");
-                } else {
-                    tracing::debug!(dependency = what, cause = %err, failures, "{what} still unavailable");
-                }
-                failures += 1;
-            }
+            Err(err) => dependency.failed(&err),
         }
         tokio::select! {
             () = cancel.cancelled() => return None,

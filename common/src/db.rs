@@ -20,9 +20,6 @@ const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../migrations/0001_tasks.
 /// Key of the advisory lock held while migrating.
 const MIGRATION_LOCK: i64 = 0x7461_7265_6173;
 
-/// Hint printed when PostgreSQL cannot be reached.
-pub const HINT: &str = "check DATABASE_URL; locally start it with `scripts/services` (PostgreSQL 15 on 127.0.0.1:5432)";
-
 /// A database failure.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {

@@ -13,6 +13,7 @@ use futures::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use tareas_common::backoff::RABBITMQ;
 use tareas_common::task::{TaskMessage, TaskReport};
 use tareas_common::topology::Topology;
 use tokio::sync::watch;
@@ -22,8 +23,6 @@ use crate::router::Router;
 
 /// How long a publish may wait for RabbitMQ's confirm.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
-
-const HINT: &str = "check AMQP_URL; locally start RabbitMQ with `scripts/services`";
 
 /// Why a task could not be handed to RabbitMQ. In every case the task was
 /// not accepted.
@@ -120,7 +119,7 @@ async fn supervise(
     shutdown: CancellationToken,
 ) {
     loop {
-        let connected = tareas_common::backoff::retry_until_ok("RabbitMQ", HINT, &shutdown, || {
+        let connected = tareas_common::backoff::retry_until_ok(&RABBITMQ, &shutdown, || {
             open(&amqp_url, &topology)
         })
         .await;

@@ -10,7 +10,9 @@ use tareas_common::db::{Db, Submission, TaskRecord};
 use tareas_common::protocol::{ErrorCode, Reply, RequestError, StatusState, TaskRequest};
 use tareas_common::task::{TaskId, TaskMessage, TaskReport, TaskState};
 
-use crate::broker::Broker;
+use tareas_common::backoff::POSTGRES;
+
+use crate::broker::{Broker, PublishError};
 use crate::router::{ConnectionId, ResultSender, Router};
 
 /// What every connection shares.
@@ -82,7 +84,11 @@ impl Shared {
         if task.notify {
             self.router.subscribe(&task_id, connection, results);
         }
-        let must_publish = match self.db.insert_queued(&task).await {
+        let recorded = self.db.insert_queued(&task).await;
+        if recorded.is_ok() {
+            POSTGRES.succeeded();
+        }
+        let must_publish = match recorded {
             Ok(Submission::New) => true,
             Ok(Submission::Existing(record)) if record.state.is_terminal() => {
                 self.router.unsubscribe(&task_id, connection);
@@ -94,14 +100,16 @@ impl Shared {
             }
             Ok(Submission::Existing(record)) => record.state == TaskState::Queued,
             Err(err) => {
-                tracing::warn!(task_id = %task_id, cause = %err, "cannot record task");
+                POSTGRES.failed(&err);
                 self.router.unsubscribe(&task_id, connection);
                 return unavailable(format!("database unavailable ({err})"));
             }
         };
         if must_publish {
             if let Err(err) = self.broker.publish(&task).await {
-                tracing::warn!(task_id = %task_id, cause = %err, "cannot publish task");
+                if !matches!(err, PublishError::Disconnected) {
+                    tracing::warn!(task_id = %task_id, cause = %err, "publish failed; the client gets `unavailable`");
+                }
                 self.router.unsubscribe(&task_id, connection);
                 return unavailable(format!("broker unavailable ({err})"));
             }
@@ -122,11 +130,10 @@ impl Shared {
                 error: record.error,
             },
             Ok(None) => Reply::Status { task_id: raw_task_id, state: StatusState::Unknown, result: None, error: None },
-            Err(err) => Reply::error(
-                ErrorCode::Unavailable,
-                format!("database unavailable ({err}); retry later"),
-                Some(raw_task_id),
-            ),
+            Err(err) => {
+                POSTGRES.failed(&err);
+                Reply::error(ErrorCode::Unavailable, format!("database unavailable ({err}); retry later"), Some(raw_task_id))
+            }
         }
     }
 }

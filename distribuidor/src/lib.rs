@@ -20,7 +20,7 @@ pub mod server;
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use tareas_common::db::{self, Db};
+use tareas_common::db::Db;
 use tareas_common::topology::Topology;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -54,7 +54,7 @@ impl Distribuidor {
         let (migrated_tx, migrated) = watch::channel(false);
         let migrating = db.clone();
         tokio::spawn(async move {
-            let done = tareas_common::backoff::retry_until_ok("PostgreSQL", db::HINT, &shutdown, || migrating.migrate()).await;
+            let done = tareas_common::backoff::retry_until_ok(&tareas_common::backoff::POSTGRES, &shutdown, || migrating.migrate()).await;
             if done.is_some() {
                 migrated_tx.send_replace(true);
             }

@@ -19,8 +19,8 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::Value;
-use tareas_common::backoff::retry_until_ok;
-use tareas_common::db::{self, Claim, Db, Finish};
+use tareas_common::backoff::{retry_until_ok, POSTGRES, RABBITMQ, S3};
+use tareas_common::db::{Claim, Db, Finish};
 use tareas_common::task::{TaskMessage, TaskReport, TaskState};
 use tareas_common::topology::Topology;
 use tokio_util::sync::CancellationToken;
@@ -28,9 +28,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::executor;
 use crate::registry::Registry;
-use crate::store::s3::{self, S3Store};
-
-const AMQP_HINT: &str = "check AMQP_URL; locally start RabbitMQ with `scripts/services`";
+use crate::store::s3::S3Store;
 
 /// Everything a delivery needs.
 pub struct Context {
@@ -57,7 +55,7 @@ enum Ended {
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     loop {
         let Some((connection, channel, consumer)) =
-            retry_until_ok("RabbitMQ", AMQP_HINT, &shutdown, || open(&ctx)).await
+            retry_until_ok(&RABBITMQ, &shutdown, || open(&ctx)).await
         else {
             return;
         };
@@ -194,7 +192,7 @@ async fn store_result(
 ) -> Option<Option<TaskReport>> {
     let task_id = task.task_id.as_str();
     let claim =
-        retry_until_ok("PostgreSQL", db::HINT, abandon, || ctx.db.claim(task, &ctx.worker_id, redelivered)).await?;
+        retry_until_ok(&POSTGRES, abandon, || ctx.db.claim(task, &ctx.worker_id, redelivered)).await?;
     let document = if claim == Claim::RunningElsewhere {
         return Some(None);
     } else if claim == Claim::Started {
@@ -212,13 +210,13 @@ async fn store_result(
             worker_id: &ctx.worker_id,
             duration_ms: u64::try_from(outcome.duration.as_millis()).unwrap_or(u64::MAX),
         };
-        retry_until_ok("PostgreSQL", db::HINT, abandon, || ctx.db.finish(task_id, &finish)).await?
+        retry_until_ok(&POSTGRES, abandon, || ctx.db.finish(task_id, &finish)).await?
     } else {
         // Finished before (a redelivery): store and report what is recorded.
-        retry_until_ok("PostgreSQL", db::HINT, abandon, || ctx.db.document(task_id)).await??
+        retry_until_ok(&POSTGRES, abandon, || ctx.db.document(task_id)).await??
     };
     let bytes = serde_json::to_vec(&document).unwrap_or_default();
-    retry_until_ok("S3", s3::HINT, abandon, || ctx.s3.put_result(task_id, bytes.clone())).await?;
+    retry_until_ok(&S3, abandon, || ctx.s3.put_result(task_id, bytes.clone())).await?;
     Some(report_from_document(task, &document))
 }
 

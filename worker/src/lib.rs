@@ -22,14 +22,14 @@ pub mod store;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tareas_common::backoff::retry_until_ok;
-use tareas_common::db::{self, Db};
+use tareas_common::backoff::{retry_until_ok, POSTGRES, S3};
+use tareas_common::db::Db;
 use tareas_common::topology::Topology;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::config::WorkerConfig;
 pub use crate::registry::{Registry, TaskError};
-use crate::store::s3::{self, S3Store};
+use crate::store::s3::S3Store;
 
 /// A worker ready to run.
 pub struct Worker {
@@ -72,10 +72,10 @@ impl Worker {
     /// any dependency that is not there yet.
     pub async fn run(self, shutdown: CancellationToken) {
         let ctx = self.context;
-        if retry_until_ok("PostgreSQL", db::HINT, &shutdown, || ctx.db.migrate()).await.is_none() {
+        if retry_until_ok(&POSTGRES, &shutdown, || ctx.db.migrate()).await.is_none() {
             return;
         }
-        if retry_until_ok("S3", s3::HINT, &shutdown, || ctx.s3.ensure_bucket()).await.is_none() {
+        if retry_until_ok(&S3, &shutdown, || ctx.s3.ensure_bucket()).await.is_none() {
             return;
         }
         consumer::run(Arc::new(ctx), shutdown).await;

@@ -8,10 +8,6 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::Client;
 use tareas_common::config::S3Args;
 
-/// Hint printed when the S3 server cannot be reached.
-pub const HINT: &str =
-    "check S3_ENDPOINT and the AWS_* credentials; locally start the S3 server with `scripts/services`";
-
 /// A failed S3 call, with the operation it was.
 #[derive(Debug, thiserror::Error)]
 #[error("S3 {operation} failed: {message}")]
