@@ -55,8 +55,9 @@ pub enum Submission {
 /// What a worker may do with a delivered task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Claim {
-    /// It is this worker's to run: the row now says `running`.
-    Started,
+    /// It is this worker's to run: the row now says `running`; this is
+    /// run number `attempt` (1-based).
+    Started { attempt: u32 },
     /// Another delivery of the same task is running it: nothing to do.
     RunningElsewhere,
     /// It finished before: only make sure its result is stored and reported.
@@ -177,19 +178,21 @@ impl Db {
     pub async fn claim(&self, task: &TaskMessage, worker_id: &str, redelivered: bool) -> Result<Claim, DbError> {
         let client = self.pool.get().await?;
         let claimable = if redelivered { vec!["queued", "running"] } else { vec!["queued"] };
-        let changed = client
-            .execute(
+        let claimed = client
+            .query_opt(
                 "INSERT INTO tasks (task_id, task_type, payload, state, worker_id, attempts, started_at)
                  VALUES ($1, $2, $3, 'running', $4, 1, now())
                  ON CONFLICT (task_id) DO UPDATE
                  SET state = 'running', worker_id = EXCLUDED.worker_id,
                      attempts = tasks.attempts + 1, started_at = now()
-                 WHERE tasks.state = ANY($5)",
+                 WHERE tasks.state = ANY($5)
+                 RETURNING attempts",
                 &[&task.task_id.as_str(), &task.task_type, &task.payload, &worker_id, &claimable],
             )
             .await?;
-        if changed == 1 {
-            return Ok(Claim::Started);
+        if let Some(row) = claimed {
+            let attempt: i32 = row.try_get(0)?;
+            return Ok(Claim::Started { attempt: u32::try_from(attempt).unwrap_or(1) });
         }
         drop(client);
         Ok(match self.status(task.task_id.as_str()).await?.map(|record| record.state) {
@@ -197,6 +200,50 @@ impl Db {
             Some(_) => Claim::RunningElsewhere,
             None => Claim::RunningElsewhere,
         })
+    }
+
+    /// Puts a task this worker was running back to `queued` after a
+    /// transient failure, keeping the error, before it waits for a retry.
+    pub async fn retry_later(&self, task_id: &str, worker_id: &str, error: &str) -> Result<(), DbError> {
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "UPDATE tasks SET state = 'queued', error = $3
+                 WHERE task_id = $1 AND state = 'running' AND worker_id = $2",
+                &[&task_id, &worker_id, &error],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Gives back a task this worker claimed but did not finish (shutdown,
+    /// lost connection): `queued` again, and the run does not count.
+    pub async fn release(&self, task_id: &str, worker_id: &str) -> Result<(), DbError> {
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "UPDATE tasks SET state = 'queued', attempts = GREATEST(attempts - 1, 0)
+                 WHERE task_id = $1 AND state = 'running' AND worker_id = $2",
+                &[&task_id, &worker_id],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Makes a `failed` task runnable again, for an operator's replay from
+    /// the dead-letter queue: the one deliberate exit from a terminal state.
+    /// Returns whether the row was reset.
+    pub async fn reset_for_replay(&self, task_id: &str) -> Result<bool, DbError> {
+        let client = self.pool.get().await?;
+        let changed = client
+            .execute(
+                "UPDATE tasks SET state = 'queued', attempts = 0, result = NULL, error = NULL,
+                                  worker_id = NULL, duration_ms = NULL, started_at = NULL, finished_at = NULL
+                 WHERE task_id = $1 AND state = 'failed'",
+                &[&task_id],
+            )
+            .await?;
+        Ok(changed == 1)
     }
 
     /// Records how a task ended, unless it had ended already, and returns

@@ -7,6 +7,10 @@
 //!   dead-lettered.
 //! - `<queue>.dlx`: a durable fanout exchange, the dead-letter exchange.
 //! - `<queue>.dlq`: a durable quorum queue bound to it.
+//! - `<queue>.retry.<ms>`: durable quorum queues, declared on first use, one
+//!   per retry delay. Nobody consumes them: a message waits there for its
+//!   TTL, then is dead-lettered back to `<queue>` through the default
+//!   exchange. This is how retries wait in the broker, not in worker memory.
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -68,6 +72,30 @@ impl Topology {
         );
         channel.queue_declare(self.queue.as_str().into(), durable, arguments).await?;
         Ok(())
+    }
+}
+
+impl Topology {
+    /// The retry queue for messages that wait `delay_ms` before their next attempt.
+    pub fn retry_queue(&self, delay_ms: u64) -> String {
+        format!("{}.retry.{delay_ms}", self.queue)
+    }
+
+    /// Declares the retry queue for `delay_ms`; returns its name.
+    pub async fn declare_retry_queue(&self, channel: &Channel, delay_ms: u64) -> Result<String, lapin::Error> {
+        let name = self.retry_queue(delay_ms);
+        let mut arguments = quorum_arguments();
+        arguments.insert("x-message-ttl".into(), AMQPValue::LongLongInt(i64::try_from(delay_ms).unwrap_or(i64::MAX)));
+        arguments.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(LongString::from("")));
+        arguments.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(LongString::from(self.queue.as_str())),
+        );
+        arguments.insert("x-dead-letter-strategy".into(), AMQPValue::LongString(LongString::from("at-least-once")));
+        arguments.insert("x-overflow".into(), AMQPValue::LongString(LongString::from("reject-publish")));
+        let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+        channel.queue_declare(name.as_str().into(), durable, arguments).await?;
+        Ok(name)
     }
 }
 

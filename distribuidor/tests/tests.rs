@@ -4,5 +4,6 @@
 mod bad_input;
 mod deployment;
 mod pipeline;
+mod reliability;
 mod scaling;
 mod util;

@@ -85,7 +85,14 @@ impl Deployment {
 
     /// Starts a worker running the built-ins; returns its own stop token.
     pub fn start_worker(&mut self, config: WorkerConfig) -> CancellationToken {
-        let worker = Worker::with_builtins(&config).expect("worker config");
+        let mut registry = tareas_worker::Registry::new();
+        tareas_worker::builtins::register(&mut registry);
+        self.start_worker_with(config, registry)
+    }
+
+    /// Starts a worker running the handlers of `registry`.
+    pub fn start_worker_with(&mut self, config: WorkerConfig, registry: tareas_worker::Registry) -> CancellationToken {
+        let worker = Worker::new(&config, registry).expect("worker config");
         let stop = self.shutdown.child_token();
         self.handles.push(tokio::spawn(worker.run(stop.clone())));
         stop
@@ -126,7 +133,9 @@ async fn delete_queues(queue: &str) {
     let Ok(connection) = Connection::connect(&amqp, ConnectionProperties::default()).await else { return };
     let Ok(channel) = connection.create_channel().await else { return };
     let topology = Topology::new(queue);
-    for name in [topology.queue.clone(), topology.dead_letter_queue()] {
+    let mut names = vec![topology.queue.clone(), topology.dead_letter_queue()];
+    names.extend([25, 50].into_iter().flat_map(|base: u64| (0..8).flat_map(move |level| (4..=8).map(move |step| (base << level) * step / 8))).map(|ms| topology.retry_queue(ms)));
+    for name in names {
         let _ = channel.queue_delete(name.as_str().into(), QueueDeleteOptions::default()).await;
     }
     let _ = channel
@@ -141,6 +150,23 @@ pub fn db() -> Db {
 
 pub fn s3() -> S3Store {
     S3Store::new(&WorkerConfig::defaults().s3)
+}
+
+/// The messages waiting in a queue, taken off it (test queues only).
+pub async fn drain_queue(queue: &str) -> Vec<lapin::message::BasicGetMessage> {
+    let amqp = WorkerConfig::defaults().broker.amqp_url;
+    let connection = Connection::connect(&amqp, ConnectionProperties::default()).await.expect("RabbitMQ");
+    let channel = connection.create_channel().await.expect("channel");
+    let mut messages = Vec::new();
+    while let Some(message) = channel
+        .basic_get(queue.into(), lapin::options::BasicGetOptions { no_ack: true })
+        .await
+        .expect("basic.get")
+    {
+        messages.push(message);
+    }
+    let _ = connection.close(200, "done".into()).await;
+    messages
 }
 
 /// A task request.

@@ -24,6 +24,16 @@ pub struct WorkerConfig {
     /// Seconds a task may run before it is failed with a time-limit error.
     #[arg(long, env = "TAREAS_TASK_TIME_LIMIT_SECS", default_value_t = 300)]
     pub task_time_limit_secs: u64,
+    /// Runs of a task in all; a transient failure on the last one fails the
+    /// task and moves its message to the dead-letter queue.
+    #[arg(long, env = "TAREAS_MAX_ATTEMPTS", default_value_t = 5)]
+    pub max_attempts: u32,
+    /// Wait before the second attempt, in ms; doubles for each attempt after (with jitter).
+    #[arg(long, env = "TAREAS_RETRY_BASE_MS", default_value_t = 1000)]
+    pub retry_base_ms: u64,
+    /// Longest wait between attempts, in ms.
+    #[arg(long, env = "TAREAS_RETRY_MAX_MS", default_value_t = 60_000)]
+    pub retry_max_ms: u64,
     /// Seconds in-flight tasks get to finish after SIGTERM; the rest are handed back to RabbitMQ.
     #[arg(long, env = "TAREAS_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
     pub shutdown_timeout_secs: u64,

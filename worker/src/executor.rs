@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tareas_common::task::{TaskMessage, TaskState};
 
-use crate::registry::{Handler, Registry, TaskError};
+use crate::registry::{ErrorKind, Handler, Registry, TaskError};
 
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -15,6 +15,8 @@ pub struct Outcome {
     pub state: TaskState,
     pub result: Option<Value>,
     pub error: Option<String>,
+    /// For failures: whether another attempt could succeed.
+    pub retryable: bool,
     pub duration: Duration,
 }
 
@@ -31,8 +33,14 @@ pub async fn execute(registry: &Registry, task: &TaskMessage, time_limit: Durati
     };
     let duration = started.elapsed();
     match outcome {
-        Ok(result) => Outcome { state: TaskState::Succeeded, result: Some(result), error: None, duration },
-        Err(err) => Outcome { state: TaskState::Failed, result: None, error: Some(err.message), duration },
+        Ok(result) => Outcome { state: TaskState::Succeeded, result: Some(result), error: None, retryable: false, duration },
+        Err(err) => Outcome {
+            state: TaskState::Failed,
+            result: None,
+            retryable: err.kind == ErrorKind::Transient,
+            error: Some(err.message),
+            duration,
+        },
     }
 }
 
@@ -47,7 +55,8 @@ async fn run(handler: &Handler, payload: Value, time_limit: Duration) -> Result<
     let abort = task.abort_handle();
     match tokio::time::timeout(time_limit, task).await {
         Ok(Ok(result)) => result,
-        Ok(Err(join)) if join.is_panic() => Err(TaskError::permanent(format!(
+        // A panic counts as a failed attempt: it may be a passing condition.
+        Ok(Err(join)) if join.is_panic() => Err(TaskError::transient(format!(
             "the handler panicked: {}",
             panic_message(join.into_panic())
         ))),
@@ -98,8 +107,10 @@ mod tests {
         assert_eq!(boom.state, TaskState::Failed);
         let error = boom.error.unwrap();
         assert!(error.contains("kaput"), "{error}");
+        assert!(boom.retryable, "a panic is a failed attempt, tried again");
         let slow = execute(&registry, &task("slow"), Duration::from_millis(50)).await;
         assert!(slow.error.unwrap().contains("time limit"));
+        assert!(!slow.retryable, "over the time limit fails at once");
         let missing = execute(&registry, &task("nope"), limit).await;
         assert!(missing.error.unwrap().contains("no handler"));
         assert_eq!(execute(&registry, &task("ok"), limit).await.result, Some(json!(1)));

@@ -8,15 +8,19 @@
 //! - [`builtins`]: the built-in task types.
 //! - [`health`]: the heartbeat file behind `worker --check-health`.
 //! - [`executor`]: runs one handler: blocking pool, time limit, panics caught.
-//! - [`consumer`]: the RabbitMQ side: prefetch, ack policy, replies, reconnects.
+//! - [`consumer`]: the RabbitMQ session: prefetch, reconnects, drain on shutdown.
+//! - [`delivery`]: one delivery to its ack: claim, run, retry, store, reply, dead-letter.
+//! - [`retry`]: the retry policy: attempts, exponential backoff, jitter.
 //! - [`store`]: the S3 side of persistence (PostgreSQL is `tareas_common::db`).
 
 pub mod builtins;
 pub mod config;
 pub mod consumer;
+pub mod delivery;
 pub mod executor;
 pub mod health;
 pub mod registry;
+pub mod retry;
 pub mod store;
 
 use std::sync::Arc;
@@ -29,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use crate::config::WorkerConfig;
 pub use crate::registry::{Registry, TaskError};
+use crate::retry::RetryPolicy;
 use crate::store::s3::S3Store;
 
 /// A worker ready to run.
@@ -50,6 +55,11 @@ impl Worker {
             worker_id: config.worker_id(),
             concurrency,
             task_time_limit: Duration::from_secs(config.task_time_limit_secs),
+            retry: RetryPolicy {
+                max_attempts: config.max_attempts.max(1),
+                base: Duration::from_millis(config.retry_base_ms),
+                max: Duration::from_millis(config.retry_max_ms),
+            },
             drain_limit: Duration::from_secs(config.shutdown_timeout_secs),
             health_file: config.health_file.clone(),
         };

@@ -1,0 +1,193 @@
+//! Failure handling that needs no service restarts: retries through the
+//! broker, the dead-letter queue, panics, unroutable publishes, limits.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use serde_json::json;
+use tareas_common::protocol::{ErrorCode, Reply, Request, TaskRequest};
+use tareas_common::task::{TaskMessage, TaskState};
+use tareas_common::topology::Topology;
+use tareas_worker::registry::TaskError;
+use tareas_worker::Registry;
+
+use crate::util::{self, drain_queue, next, next_result, submit_ok, task, Deployment, LIMIT};
+
+/// A registry with `flaky` (fails transiently `fail_first` times per task,
+/// then succeeds), `broken` (always transient), `refused` (permanent) and
+/// `explodes` (panics).
+fn registry(fail_first: u32) -> Registry {
+    let runs: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let mut registry = Registry::new();
+    registry
+        .register_blocking("flaky", move |payload| {
+            let key = payload["key"].as_str().unwrap_or_default().to_owned();
+            let mut runs = runs.lock().expect("lock");
+            let run = runs.entry(key).or_default();
+            *run += 1;
+            if *run <= fail_first {
+                return Err(TaskError::transient(format!("upstream busy (run {run})")));
+            }
+            Ok(json!({"runs": *run}))
+        })
+        .register_blocking("broken", |_| Err(TaskError::transient("the remote service is down")))
+        .register_blocking("refused", |_| Err(TaskError::permanent("this payload can never work")))
+        .register_blocking("explodes", |_| panic!("handler bug"));
+    registry
+}
+
+async fn deployment_with_custom_types() -> (Deployment, crate::util::RunningDistribuidor) {
+    let mut deployment = Deployment::new().await;
+    let mut config = deployment.distribuidor_config();
+    config.extra_task_types = ["flaky", "broken", "refused", "explodes"].map(String::from).to_vec();
+    let distribuidor = deployment.start_distribuidor(config).await;
+    let mut worker = deployment.worker_config("w-retry", 4);
+    worker.max_attempts = 3;
+    worker.retry_base_ms = 25;
+    deployment.start_worker_with(worker, registry(2));
+    (deployment, distribuidor)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_failures_are_retried_through_the_broker() {
+    let (deployment, distribuidor) = deployment_with_custom_types().await;
+    let mut client = distribuidor.client().await;
+    let id = submit_ok(&mut client, task("flaky", json!({"key": uuid::Uuid::new_v4().to_string()}))).await;
+    let report = next_result(&mut client).await;
+    assert_eq!(report.status, TaskState::Succeeded, "{report:?}");
+    assert_eq!(report.result, Some(json!({"runs": 3})));
+    let document = util::s3_document(&id).await.expect("S3 object");
+    assert_eq!(document["attempts"], 3, "two failed attempts, then success");
+    assert!(drain_queue(&Topology::new(&deployment.queue).dead_letter_queue()).await.is_empty());
+    deployment.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_retries_fail_the_task_and_dead_letter_it() {
+    let (deployment, distribuidor) = deployment_with_custom_types().await;
+    let mut client = distribuidor.client().await;
+    let broken = submit_ok(&mut client, task("broken", json!({}))).await;
+    let report = next_result(&mut client).await;
+    assert_eq!(report.status, TaskState::Failed);
+    let error = report.error.unwrap_or_default();
+    assert!(error.contains("failed after 3 attempts") && error.contains("remote service is down"), "{error}");
+    let row = util::db().status(&broken).await.unwrap().unwrap();
+    assert_eq!(row.state, TaskState::Failed);
+    assert_eq!(util::s3_document(&broken).await.expect("S3 object")["error"], json!(error));
+
+    let dead = drain_queue(&Topology::new(&deployment.queue).dead_letter_queue()).await;
+    let ids: Vec<String> = dead
+        .iter()
+        .map(|m| serde_json::from_slice::<TaskMessage>(&m.delivery.data).expect("task message").task_id.to_string())
+        .collect();
+    assert_eq!(ids, vec![broken], "the message is in the dead-letter queue");
+    deployment.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_failures_are_not_retried_and_panics_are_attempts() {
+    let (deployment, distribuidor) = deployment_with_custom_types().await;
+    let mut client = distribuidor.client().await;
+    let refused = submit_ok(&mut client, task("refused", json!({}))).await;
+    let report = next_result(&mut client).await;
+    assert_eq!(report.status, TaskState::Failed);
+    assert_eq!(report.error.as_deref(), Some("this payload can never work"));
+    assert_eq!(util::s3_document(&refused).await.unwrap()["attempts"], 1);
+
+    let explodes = submit_ok(&mut client, task("explodes", json!({}))).await;
+    let report = next_result(&mut client).await;
+    assert_eq!(report.status, TaskState::Failed);
+    assert!(report.error.unwrap_or_default().contains("panicked: handler bug"));
+    assert_eq!(util::s3_document(&explodes).await.unwrap()["attempts"], 3, "a panic is a failed attempt");
+
+    // The worker survived its handler's panics.
+    submit_ok(&mut client, task("flaky", json!({"key": "after-panic", "x": 1}))).await;
+    assert_eq!(next_result(&mut client).await.status, TaskState::Succeeded);
+    deployment.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unroutable_publish_is_unavailable_not_an_ack() {
+    let mut deployment = Deployment::new().await;
+    let distribuidor = deployment.start_distribuidor(deployment.distribuidor_config()).await;
+    // The queue vanishes (an operator deletes it): RabbitMQ returns the
+    // mandatory message, and the distribuidor must not ack.
+    let amqp = tareas_worker::WorkerConfig::defaults().broker.amqp_url;
+    let connection = lapin::Connection::connect(&amqp, lapin::ConnectionProperties::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel.queue_delete(deployment.queue.as_str().into(), Default::default()).await.unwrap();
+    let mut client = distribuidor.client().await;
+    client.send(&Request::Task(task("hash", json!({"text": "x"})))).await.unwrap();
+    match next(&mut client).await {
+        Reply::Error(error) => {
+            assert_eq!(error.code, ErrorCode::Unavailable);
+            assert!(error.message.contains("unroutable"), "{}", error.message);
+        }
+        other => panic!("expected unavailable, got {other:?}"),
+    }
+    Topology::new(&deployment.queue).declare(&channel).await.unwrap();
+    let _ = connection.close(200, "done".into()).await;
+    deployment.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_are_refused_clearly() {
+    let mut deployment = Deployment::new().await;
+    let mut config = deployment.distribuidor_config();
+    config.limits.max_connections = 2;
+    let distribuidor = deployment.start_distribuidor(config).await;
+    let mut first = distribuidor.client().await;
+    let mut second = distribuidor.client().await;
+    for client in [&mut first, &mut second] {
+        client.send(&Request::Ping).await.unwrap();
+        assert_eq!(next(client).await, Reply::Pong);
+    }
+    let mut third = distribuidor.client().await;
+    match next(&mut third).await {
+        Reply::Error(error) => assert_eq!(error.code, ErrorCode::TooManyConnections),
+        other => panic!("expected too_many_connections, got {other:?}"),
+    }
+    assert!(matches!(third.recv().await, Ok(None) | Err(_)), "and the connection is closed");
+    drop(first);
+    // A slot frees up once a client leaves.
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let mut again = distribuidor.client().await;
+        again.send(&Request::Ping).await.unwrap();
+        if let Ok(Reply::Pong) = again.recv_within(LIMIT).await {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the slot never freed");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    deployment.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_with_a_reason() {
+    let mut deployment = Deployment::new().await;
+    let mut config = deployment.distribuidor_config();
+    config.limits.idle_timeout_secs = 1;
+    let distribuidor = deployment.start_distribuidor(config).await;
+    let mut client = distribuidor.client().await;
+    match next(&mut client).await {
+        Reply::Error(error) => assert_eq!(error.code, ErrorCode::IdleTimeout),
+        other => panic!("expected idle_timeout, got {other:?}"),
+    }
+    assert!(matches!(client.recv().await, Ok(None) | Err(_)));
+    deployment.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_client_is_not_idle() {
+    let mut deployment = Deployment::new().await;
+    let mut config = deployment.distribuidor_config();
+    config.limits.idle_timeout_secs = 1;
+    let distribuidor = deployment.start_distribuidor(config).await;
+    deployment.start_worker(deployment.worker_config("w-idle", 1));
+    let mut client = distribuidor.client().await;
+    let request = TaskRequest { ..task("sleep", json!({"ms": 2500})) };
+    submit_ok(&mut client, request).await;
+    assert_eq!(next_result(&mut client).await.status, TaskState::Succeeded, "kept open while its task ran");
+    deployment.stop().await;
+}
