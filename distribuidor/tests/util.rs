@@ -1,6 +1,8 @@
 //! Helpers: start the real distribuidor and workers in-process against the
 //! real RabbitMQ, PostgreSQL and S3 server, each test on its own queue.
 
+#![allow(dead_code)] // shared by the e2e and outages test binaries, each using a part
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

@@ -1,0 +1,306 @@
+//! Tests that break things for real: they stop and restart the shared
+//! RabbitMQ, PostgreSQL and S3 server, and kill worker processes. They run
+//! in their own binary, one at a time, after every other test
+//! (`scripts/test`), and always bring the service back, even on failure.
+
+#[path = "util.rs"]
+mod util;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::json;
+use tareas_common::protocol::{ErrorCode, Reply, Request, TaskRequest};
+use tareas_common::task::{TaskMessage, TaskState};
+use tareas_common::topology::Topology;
+use tokio::process::Child;
+
+use crate::util::{drain_queue, next, submit_ok, task, Deployment, RunningDistribuidor, LIMIT};
+
+/// Runs a command to completion; panics with its output if it fails.
+fn run(program: &str, args: &[&str]) {
+    let output = Command::new(program).args(args).output().unwrap_or_else(|err| panic!("cannot run {program}: {err}"));
+    assert!(output.status.success(), "{program} {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+/// Runs its restore action when dropped, so a failing test still brings the service back.
+struct Restore(fn());
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        (self.0)();
+    }
+}
+
+fn rabbitmq_stop() -> Restore {
+    run("rabbitmqctl", &["-q", "stop_app"]);
+    Restore(|| {
+        run("rabbitmqctl", &["-q", "start_app"]);
+        run("rabbitmqctl", &["-q", "await_startup"]);
+    })
+}
+
+fn postgres_version() -> String {
+    std::fs::read_dir("/etc/postgresql")
+        .expect("/etc/postgresql")
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .next()
+        .expect("a PostgreSQL cluster")
+}
+
+fn postgres_stop() -> Restore {
+    run("pg_ctlcluster", &["--skip-systemctl-redirect", &postgres_version(), "main", "stop", "-m", "fast"]);
+    Restore(|| run("pg_ctlcluster", &["--skip-systemctl-redirect", &postgres_version(), "main", "start"]))
+}
+
+fn s3_stop() -> Restore {
+    // The S3 server that scripts/services started; it starts it again.
+    let _ = Command::new("pkill").args(["-f", "s3s-fs --host 127.0.0.1"]).status();
+    let deadline = std::time::Instant::now() + LIMIT;
+    while std::net::TcpStream::connect("127.0.0.1:9000").is_ok() {
+        assert!(std::time::Instant::now() < deadline, "s3s-fs did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Restore(|| run(&repo_root().join("scripts/services").display().to_string(), &[]))
+}
+
+/// Submits until a task is acked (the system recovered), returning its id.
+async fn submit_until_acked(distribuidor: &RunningDistribuidor, request: TaskRequest) -> String {
+    let deadline = tokio::time::Instant::now() + LIMIT * 2;
+    loop {
+        let mut client = distribuidor.client().await;
+        client.send(&Request::Task(request.clone())).await.expect("send");
+        match next(&mut client).await {
+            Reply::Ack { task_id, .. } => return task_id.to_string(),
+            Reply::Error(error) if error.code == ErrorCode::Unavailable => {}
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the system never recovered");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until every task is finished in PostgreSQL and S3, and the two agree.
+async fn assert_all_stored(ids: &BTreeSet<String>, expected: TaskState) {
+    let db = util::db();
+    let deadline = tokio::time::Instant::now() + LIMIT * 2;
+    for id in ids {
+        loop {
+            let row = db.status(id).await.ok().flatten();
+            let document = util::s3_document(id).await;
+            if let (Some(row), Some(document)) = (&row, &document) {
+                if row.state.is_terminal() {
+                    assert_eq!(row.state, expected, "task {id}");
+                    let stored = db.document(id).await.unwrap().unwrap();
+                    assert_eq!(&stored, document, "S3 holds exactly the PostgreSQL row of {id}");
+                    break;
+                }
+            }
+            assert!(tokio::time::Instant::now() < deadline, "task {id} never finished: {row:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+async fn submit_batch(distribuidor: &RunningDistribuidor, count: usize, ms: u64) -> BTreeSet<String> {
+    let mut client = distribuidor.client().await;
+    let mut ids = BTreeSet::new();
+    for _ in 0..count {
+        let request = TaskRequest { notify: Some(false), ..task("sleep", json!({"ms": ms})) };
+        ids.insert(submit_ok(&mut client, request).await);
+    }
+    ids
+}
+
+async fn expect_unavailable(distribuidor: &RunningDistribuidor) {
+    let mut client = distribuidor.client().await;
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        client.send(&Request::Task(task("hash", json!({"text": "down"})))).await.expect("send");
+        match next(&mut client).await {
+            Reply::Error(error) if error.code == ErrorCode::Unavailable => return,
+            Reply::Ack { .. } => {
+                // Only possible in the instant before the outage was noticed.
+                assert!(tokio::time::Instant::now() < deadline, "acks kept coming while the dependency was down");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_restart_loses_no_acked_task() {
+    let mut deployment = Deployment::new().await;
+    let distribuidor = deployment.start_distribuidor(deployment.distribuidor_config()).await;
+    deployment.start_worker(deployment.worker_config("w-rmq", 2));
+    let mut ids = submit_batch(&distribuidor, 30, 100).await;
+    {
+        let _restore = rabbitmq_stop();
+        expect_unavailable(&distribuidor).await;
+    }
+    ids.insert(submit_until_acked(&distribuidor, task("hash", json!({"text": "after"}))).await);
+    assert_all_stored(&ids, TaskState::Succeeded).await;
+    deployment.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restart_loses_no_acked_task() {
+    let mut deployment = Deployment::new().await;
+    let distribuidor = deployment.start_distribuidor(deployment.distribuidor_config()).await;
+    deployment.start_worker(deployment.worker_config("w-pg", 2));
+    let mut ids = submit_batch(&distribuidor, 30, 100).await;
+    {
+        let _restore = postgres_stop();
+        expect_unavailable(&distribuidor).await;
+    }
+    ids.insert(submit_until_acked(&distribuidor, task("hash", json!({"text": "after"}))).await);
+    assert_all_stored(&ids, TaskState::Succeeded).await;
+    deployment.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_restart_holds_results_until_it_is_back() {
+    let mut deployment = Deployment::new().await;
+    let distribuidor = deployment.start_distribuidor(deployment.distribuidor_config()).await;
+    deployment.start_worker(deployment.worker_config("w-s3", 2));
+    // The worker is consuming (it checked the bucket at start-up).
+    let warmup = submit_batch(&distribuidor, 1, 1).await;
+    assert_all_stored(&warmup, TaskState::Succeeded).await;
+    let ids;
+    {
+        let _restore = s3_stop();
+        // Acks do not need S3; the worker holds the results until it returns.
+        ids = submit_batch(&distribuidor, 10, 10).await;
+        let db = util::db();
+        let finished = || async {
+            let mut finished = 0;
+            for id in &ids {
+                if db.status(id).await.unwrap().is_some_and(|row| row.state.is_terminal()) {
+                    finished += 1;
+                }
+            }
+            finished
+        };
+        let deadline = tokio::time::Instant::now() + LIMIT;
+        while finished().await < 2 {
+            assert!(tokio::time::Instant::now() < deadline, "the tasks never ran");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The two prefetched tasks ran, but cannot be acked without S3, so
+        // the worker takes no more: watch for a while that none does.
+        for _ in 0..20 {
+            assert_eq!(finished().await, 2, "the worker took new work while its results could not be stored");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    assert_all_stored(&ids, TaskState::Succeeded).await;
+    deployment.stop().await;
+}
+
+fn spawn_worker(binary: &str, deployment: &Deployment, worker_id: &str, env: &[(&str, &str)]) -> Child {
+    let exe = std::env::current_exe().expect("test binary");
+    let dir = exe.parent().and_then(|deps| deps.parent()).expect("target dir");
+    let path = dir.join(binary);
+    assert!(path.exists(), "{} is missing: build it with `cargo build --workspace --bins --examples`", path.display());
+    let health = std::env::temp_dir().join(format!("{}-{worker_id}.health", deployment.queue));
+    let mut command = tokio::process::Command::new(path);
+    command
+        .env("TAREAS_QUEUE", &deployment.queue)
+        .env("WORKER_ID", worker_id)
+        .env("WORKER_HEALTH_FILE", health)
+        .env("RUST_LOG", "error")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    command.spawn().expect("spawn worker")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_task_loses_nothing() {
+    let mut deployment = Deployment::new().await;
+    let distribuidor = deployment.start_distribuidor(deployment.distribuidor_config()).await;
+    let mut doomed = spawn_worker("worker", &deployment, "doomed", &[("WORKER_CONCURRENCY", "4")]);
+    let ids = submit_batch(&distribuidor, 12, 400).await;
+    // Wait until the doomed worker is in the middle of tasks, then SIGKILL it.
+    let db = util::db();
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    'running: loop {
+        for id in &ids {
+            if db.status(id).await.unwrap().is_some_and(|row| row.state == TaskState::Running) {
+                break 'running;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the doomed worker never started a task");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    doomed.start_kill().expect("SIGKILL");
+    doomed.wait().await.expect("reaped");
+    let _survivor = spawn_worker("worker", &deployment, "survivor", &[("WORKER_CONCURRENCY", "4")]);
+    assert_all_stored(&ids, TaskState::Succeeded).await;
+    let mut rerun = 0;
+    for id in &ids {
+        let document = db.document(id).await.unwrap().unwrap();
+        if document["attempts"].as_i64() > Some(1) {
+            rerun += 1;
+            assert_eq!(document["worker_id"], "survivor");
+        }
+    }
+    assert!(rerun > 0, "some task was interrupted and run again");
+    deployment.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_that_keeps_crashing_its_worker_ends_failed_in_the_dead_letter_queue() {
+    let mut deployment = Deployment::new().await;
+    let mut config = deployment.distribuidor_config();
+    config.extra_task_types = vec!["crash".into()];
+    let distribuidor = deployment.start_distribuidor(config).await;
+    let mut client = distribuidor.client().await;
+    let poison = submit_ok(&mut client, TaskRequest { notify: Some(false), ..task("crash", json!({})) }).await;
+    let db = util::db();
+    let deadline = tokio::time::Instant::now() + LIMIT * 2;
+    let mut crashes = 0;
+    // A supervisor (docker's restart policy) restarts the worker after each crash.
+    loop {
+        let row = db.status(&poison).await.unwrap().unwrap();
+        if row.state.is_terminal() {
+            break;
+        }
+        let mut worker = spawn_worker("examples/crash_worker", &deployment, "crashy", &[("TAREAS_MAX_ATTEMPTS", "2")]);
+        loop {
+            tokio::select! {
+                status = worker.wait() => {
+                    if !status.expect("wait").success() {
+                        crashes += 1;
+                    }
+                    break;
+                }
+                () = tokio::time::sleep(Duration::from_millis(100)) => {
+                    if db.status(&poison).await.unwrap().unwrap().state.is_terminal() {
+                        let _ = worker.start_kill();
+                        break;
+                    }
+                }
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the poison task never stopped");
+    }
+    assert_eq!(crashes, 2, "it crashed its worker once per allowed attempt");
+    let row = db.status(&poison).await.unwrap().unwrap();
+    assert_eq!(row.state, TaskState::Failed);
+    assert!(row.error.unwrap_or_default().contains("gave up after 2 attempts"));
+    let dead = drain_queue(&Topology::new(&deployment.queue).dead_letter_queue()).await;
+    let ids: Vec<String> = dead
+        .iter()
+        .map(|m| serde_json::from_slice::<TaskMessage>(&m.delivery.data).unwrap().task_id.to_string())
+        .collect();
+    assert_eq!(ids, vec![poison]);
+    deployment.stop().await;
+}
