@@ -245,3 +245,82 @@ mod tests {
         assert_eq!(framer.pending_len(), 0);
     }
 }
+
+/// Fuzzing the framer and the request parser with arbitrary byte streams.
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+    use tareas_common::protocol::Request;
+
+    use super::*;
+
+    /// Runs `input` through a framer in the given chunk sizes, and through
+    /// the request parser, like a connection does.
+    fn run(input: &[u8], chunks: &[usize], max_len: usize) -> Vec<Frame> {
+        let mut framer = Framer::new(max_len);
+        let mut frames = Vec::new();
+        let mut rest = input;
+        let mut sizes = chunks.iter().copied().cycle();
+        while !rest.is_empty() {
+            let size = sizes.next().unwrap_or(1).clamp(1, rest.len());
+            framer.buffer_mut().extend_from_slice(&rest[..size]);
+            rest = &rest[size..];
+            while let Some(frame) = framer.next_frame() {
+                if let Frame::Object(bytes) = &frame {
+                    // Never panics; an error always has a code and a message.
+                    if let Err(err) = Request::parse(bytes) {
+                        assert!(!err.message.is_empty());
+                    }
+                }
+                frames.push(frame);
+            }
+            assert!(framer.pending_len() <= max_len + size, "held bytes stay bounded");
+        }
+        frames
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn any_bytes_any_chunking_same_frames(
+            input in proptest::collection::vec(any::<u8>(), 0..2048),
+            chunks in proptest::collection::vec(1usize..64, 1..8),
+        ) {
+            let whole = run(&input, &[input.len().max(1)], 256);
+            let pieces = run(&input, &chunks, 256);
+            prop_assert_eq!(whole, pieces);
+        }
+
+        #[test]
+        fn json_like_noise_never_panics(
+            input in proptest::collection::vec(prop::sample::select(b"{}[]\":,\\ \nab1".to_vec()), 0..1024),
+            chunks in proptest::collection::vec(1usize..16, 1..4),
+        ) {
+            run(&input, &chunks, 128);
+        }
+
+        #[test]
+        fn every_garbage_line_gets_one_error_and_requests_survive(
+            lines in proptest::collection::vec(
+                prop_oneof![
+                    "[a-zA-Z0-9 ,.:!?\\]\\[-]{0,40}".prop_map(|noise| format!("x{noise}\n")),
+                    "[a-z]{1,10}".prop_map(|text| format!("{{\"type\":\"status\",\"task_id\":\"{text}\"}}")),
+                ],
+                0..40,
+            ),
+            chunks in proptest::collection::vec(1usize..32, 1..4),
+        ) {
+            let input: String = lines.concat();
+            let frames = run(input.as_bytes(), &chunks, 1024);
+            let garbage = lines.iter().filter(|line| line.starts_with('x')).count();
+            let requests: Vec<&String> = lines.iter().filter(|line| line.starts_with('{')).collect();
+            prop_assert_eq!(frames.iter().filter(|f| matches!(f, Frame::Garbage(_))).count(), garbage);
+            let parsed: Vec<Request> = frames
+                .iter()
+                .filter_map(|f| match f { Frame::Object(bytes) => Some(Request::parse(bytes).expect("valid request")), _ => None })
+                .collect();
+            prop_assert_eq!(parsed.len(), requests.len());
+        }
+    }
+}

@@ -191,3 +191,24 @@ async fn a_waiting_client_is_not_idle() {
     assert_eq!(next_result(&mut client).await.status, TaskState::Succeeded, "kept open while its task ran");
     deployment.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_hands_unfinished_tasks_back_without_counting_them() {
+    let mut deployment = Deployment::new().await;
+    let distribuidor = deployment.start_distribuidor(deployment.distribuidor_config()).await;
+    let mut impatient = deployment.worker_config("w-leaving", 1);
+    impatient.shutdown_timeout_secs = 0;
+    let leaving = deployment.start_worker(impatient);
+    let mut client = distribuidor.client().await;
+    let id = submit_ok(&mut client, task("sleep", json!({"ms": 2000}))).await;
+    let mut observer = distribuidor.client().await;
+    util::wait_for_status(&mut observer, &id, |r| matches!(r, Reply::Status { state: tareas_common::protocol::StatusState::Running, .. })).await;
+    leaving.cancel(); // SIGTERM, with no time to finish: the task is handed back
+    util::wait_for_status(&mut observer, &id, |r| matches!(r, Reply::Status { state: tareas_common::protocol::StatusState::Queued, .. })).await;
+    deployment.start_worker(deployment.worker_config("w-staying", 1));
+    let report = next_result(&mut client).await;
+    assert_eq!(report.status, TaskState::Succeeded);
+    assert_eq!(report.worker_id.as_deref(), Some("w-staying"));
+    assert_eq!(util::s3_document(&id).await.unwrap()["attempts"], 1, "the handed-back run does not count");
+    deployment.stop().await;
+}
