@@ -1,7 +1,9 @@
 //! The Tareas command-line client, as a library: a connection speaking the
-//! protocol ([`client`]) and the demo run ([`demo`]). `main.rs` is the CLI.
+//! protocol ([`client`]), the demo run ([`demo`]), and the dead-letter
+//! queue tools ([`dlq`]). `main.rs` is the CLI.
 
 pub mod client;
 pub mod demo;
+pub mod dlq;
 
 pub use client::Client;

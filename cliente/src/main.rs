@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use cliente::{demo, Client};
+use cliente::{demo, dlq, Client};
+use tareas_common::config::{BrokerArgs, DatabaseArgs};
 use tareas_common::protocol::{Reply, Request, TaskRequest};
 use tareas_common::task::TaskState;
 
@@ -44,6 +45,30 @@ enum Command {
     Status { task_id: String },
     /// Check that the distribuidor answers.
     Ping,
+    /// The dead-letter queue: tasks that failed their last attempt.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+        #[command(flatten)]
+        broker: BrokerArgs,
+        #[command(flatten)]
+        database: DatabaseArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// List the dead-lettered tasks (they stay in the queue).
+    List,
+    /// Make dead-lettered tasks run again: one by id, or --all.
+    Replay {
+        /// The task to replay.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        task_id: Option<String>,
+        /// Replay every dead-lettered task.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[tokio::main]
@@ -88,6 +113,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Some(Command::Status { task_id }) => one_request(&cli.addr, Request::Status { task_id }, limit).await,
         Some(Command::Ping) => one_request(&cli.addr, Request::Ping, limit).await,
+        Some(Command::Dlq { command: DlqCommand::List, broker, .. }) => {
+            let dead = dlq::list(&broker).await?;
+            for letter in &dead {
+                println!(
+                    "{}  {}  ({})",
+                    letter.task_id.as_deref().unwrap_or("<unreadable message>"),
+                    letter.task_type.as_deref().unwrap_or("-"),
+                    letter.reason
+                );
+            }
+            println!("{} task(s) in {}.dlq", dead.len(), broker.queue);
+            Ok(())
+        }
+        Some(Command::Dlq { command: DlqCommand::Replay { task_id, all: _ }, broker, database }) => {
+            let selection = match task_id {
+                Some(id) => dlq::Selection::One(id),
+                None => dlq::Selection::All,
+            };
+            let replayed = dlq::replay(&broker, &database, &selection).await?;
+            for id in &replayed {
+                println!("replayed {id}");
+            }
+            println!("{} task(s) replayed into {}", replayed.len(), broker.queue);
+            Ok(())
+        }
     }
 }
 

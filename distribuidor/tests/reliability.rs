@@ -212,3 +212,44 @@ async fn shutdown_hands_unfinished_tasks_back_without_counting_them() {
     assert_eq!(util::s3_document(&id).await.unwrap()["attempts"], 1, "the handed-back run does not count");
     deployment.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_lists_and_replays_the_dead_letter_queue() {
+    let mut deployment = Deployment::new().await;
+    let mut config = deployment.distribuidor_config();
+    config.extra_task_types = vec!["broken".into()];
+    let distribuidor = deployment.start_distribuidor(config).await;
+    let mut worker = deployment.worker_config("w-old", 2);
+    worker.max_attempts = 2;
+    worker.retry_base_ms = 25;
+    let old = deployment.start_worker_with(worker, registry(0));
+    let mut client = distribuidor.client().await;
+    let id = submit_ok(&mut client, task("broken", json!({}))).await;
+    assert_eq!(next_result(&mut client).await.status, TaskState::Failed);
+
+    let mut broker = tareas_worker::WorkerConfig::defaults().broker;
+    broker.queue = deployment.queue.clone();
+    let listed = cliente::dlq::list(&broker).await.expect("list");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].task_id.as_deref(), Some(id.as_str()));
+    assert_eq!(listed[0].reason, "rejected");
+    assert_eq!(cliente::dlq::list(&broker).await.expect("list again").len(), 1, "listing leaves them in place");
+
+    // The fix is deployed: `broken` works now. Replay it.
+    old.cancel();
+    let mut fixed = Registry::new();
+    fixed.register_blocking("broken", |_| Ok(json!({"fixed": true})));
+    deployment.start_worker_with(deployment.worker_config("w-new", 2), fixed);
+    let database = tareas_worker::WorkerConfig::defaults().database;
+    let replayed = cliente::dlq::replay(&broker, &database, &cliente::dlq::Selection::One(id.clone())).await.expect("replay");
+    assert_eq!(replayed, vec![id.clone()]);
+    let mut observer = distribuidor.client().await;
+    let done = util::wait_for_status(&mut observer, &id, |r| {
+        matches!(r, Reply::Status { state: tareas_common::protocol::StatusState::Succeeded, .. })
+    })
+    .await;
+    let Reply::Status { result, .. } = done else { unreachable!() };
+    assert_eq!(result, Some(json!({"fixed": true})));
+    assert!(cliente::dlq::list(&broker).await.expect("list").is_empty(), "replayed tasks leave the dead-letter queue");
+    deployment.stop().await;
+}

@@ -1,0 +1,141 @@
+//! `cliente dlq`: the operator's view of the dead-letter queue. `list`
+//! shows what is there without removing it; `replay` makes chosen tasks
+//! runnable again (their `failed` row back to `queued`), publishes them to
+//! the work queue with a confirm, and only then removes them from the
+//! dead-letter queue.
+//!
+//! It talks to RabbitMQ and PostgreSQL directly (AMQP_URL, DATABASE_URL),
+//! not through the distribuidor.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use lapin::message::BasicGetMessage;
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use tareas_common::config::{BrokerArgs, DatabaseArgs};
+use tareas_common::db::Db;
+use tareas_common::task::TaskMessage;
+use tareas_common::topology::Topology;
+
+/// Which dead-lettered tasks to replay.
+#[derive(Debug, Clone)]
+pub enum Selection {
+    One(String),
+    All,
+}
+
+/// One dead-lettered message, as `list` shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    /// `None` when the body is not a task message.
+    pub task_id: Option<String>,
+    pub task_type: Option<String>,
+    /// Why RabbitMQ dead-lettered it (`rejected`, `delivery_limit`, …).
+    pub reason: String,
+}
+
+async fn open(broker: &BrokerArgs) -> anyhow::Result<(Connection, Channel, Topology)> {
+    let connection = Connection::connect(&broker.amqp_url, ConnectionProperties::default())
+        .await
+        .with_context(|| format!("cannot reach RabbitMQ at {} (AMQP_URL)", broker.amqp_url))?;
+    let channel = connection.create_channel().await?;
+    let topology = Topology::new(broker.queue.clone());
+    topology.declare(&channel).await.context("declaring the queues")?;
+    Ok((connection, channel, topology))
+}
+
+/// Takes every message off the dead-letter queue without acking: they go
+/// back when the channel closes, unless acked.
+async fn fetch_all(channel: &Channel, topology: &Topology) -> anyhow::Result<Vec<BasicGetMessage>> {
+    let mut messages = Vec::new();
+    while let Some(message) = channel
+        .basic_get(topology.dead_letter_queue().as_str().into(), BasicGetOptions { no_ack: false })
+        .await?
+    {
+        messages.push(message);
+    }
+    Ok(messages)
+}
+
+fn describe(message: &BasicGetMessage) -> DeadLetter {
+    let task = serde_json::from_slice::<TaskMessage>(&message.delivery.data).ok();
+    DeadLetter {
+        task_id: task.as_ref().map(|t| t.task_id.to_string()),
+        task_type: task.map(|t| t.task_type),
+        reason: death_reason(message.delivery.properties.headers().as_ref()).unwrap_or_else(|| "unknown".into()),
+    }
+}
+
+/// The `reason` of the first `x-death` entry RabbitMQ added.
+fn death_reason(headers: Option<&FieldTable>) -> Option<String> {
+    let AMQPValue::FieldArray(deaths) = headers?.inner().get("x-death")? else { return None };
+    let AMQPValue::FieldTable(first) = deaths.as_slice().first()? else { return None };
+    match first.inner().get("reason")? {
+        AMQPValue::LongString(reason) => Some(reason.to_string()),
+        AMQPValue::ShortString(reason) => Some(reason.to_string()),
+        _ => None,
+    }
+}
+
+/// The dead-lettered messages, left in place.
+pub async fn list(broker: &BrokerArgs) -> anyhow::Result<Vec<DeadLetter>> {
+    let (connection, channel, topology) = open(broker).await?;
+    let messages = fetch_all(&channel, &topology).await?;
+    let listed = messages.iter().map(describe).collect();
+    let _ = channel.close(200, "listed".into()).await;
+    let _ = connection.close(200, "listed".into()).await;
+    Ok(listed)
+}
+
+/// Replays the selected dead-lettered tasks; returns the replayed ids.
+pub async fn replay(broker: &BrokerArgs, database: &DatabaseArgs, selection: &Selection) -> anyhow::Result<Vec<String>> {
+    let db = Db::new(&database.database_url, 2)?;
+    let (connection, channel, topology) = open(broker).await?;
+    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    let messages = fetch_all(&channel, &topology).await?;
+    let mut replayed = Vec::new();
+    for message in &messages {
+        let Ok(task) = serde_json::from_slice::<TaskMessage>(&message.delivery.data) else { continue };
+        let chosen = match selection {
+            Selection::All => true,
+            Selection::One(id) => task.task_id.as_str() == id,
+        };
+        if !chosen {
+            continue;
+        }
+        db.reset_for_replay(task.task_id.as_str())
+            .await
+            .with_context(|| format!("cannot reset task {} in PostgreSQL (DATABASE_URL)", task.task_id))?;
+        let mut properties = BasicProperties::default().with_delivery_mode(2).with_content_type("application/json".into());
+        if let Some(reply_to) = message.delivery.properties.reply_to() {
+            properties = properties.with_reply_to(reply_to.clone());
+        }
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                topology.queue.as_str().into(),
+                BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
+                &message.delivery.data,
+                properties,
+            )
+            .await?;
+        let confirmation = tokio::time::timeout(Duration::from_secs(10), confirm)
+            .await
+            .context("RabbitMQ did not confirm the replay in time")??;
+        if confirmation.is_nack() || confirmation.take_message().is_some() {
+            bail!("RabbitMQ refused the replay of {}; it stays in the dead-letter queue", task.task_id);
+        }
+        channel.basic_ack(message.delivery.delivery_tag, BasicAckOptions::default()).await?;
+        replayed.push(task.task_id.to_string());
+    }
+    let _ = channel.close(200, "replayed".into()).await;
+    let _ = connection.close(200, "replayed".into()).await;
+    if let Selection::One(id) = selection {
+        if replayed.is_empty() {
+            bail!("task {id} is not in the dead-letter queue {}", topology.dead_letter_queue());
+        }
+    }
+    Ok(replayed)
+}
