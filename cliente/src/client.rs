@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use tareas_common::protocol::{Reply, Request, TaskRequest};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter, Lines};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
@@ -61,9 +61,50 @@ impl Client {
         }
     }
 
+    /// Splits into a writer and a reader that can be used from two tasks.
+    pub fn into_split(self) -> (RequestWriter, ReplyReader) {
+        (RequestWriter { writer: BufWriter::new(self.writer) }, ReplyReader { lines: self.lines })
+    }
+
     /// Closes the sending half (the distribuidor then finishes and closes).
     pub async fn finish_sending(&mut self) -> anyhow::Result<()> {
         self.writer.shutdown().await?;
         Ok(())
+    }
+}
+
+/// The sending half of a split [`Client`]; buffers until [`RequestWriter::flush`].
+pub struct RequestWriter {
+    writer: BufWriter<OwnedWriteHalf>,
+}
+
+impl RequestWriter {
+    /// Buffers one request, newline-terminated.
+    pub async fn send(&mut self, request: &Request) -> anyhow::Result<()> {
+        let mut line = serde_json::to_vec(request)?;
+        line.push(b'\n');
+        self.writer.write_all(&line).await.context("the distribuidor closed the connection")?;
+        Ok(())
+    }
+
+    pub async fn flush(&mut self) -> anyhow::Result<()> {
+        self.writer.flush().await.context("the distribuidor closed the connection")?;
+        Ok(())
+    }
+}
+
+/// The receiving half of a split [`Client`].
+pub struct ReplyReader {
+    lines: Lines<BufReader<OwnedReadHalf>>,
+}
+
+impl ReplyReader {
+    /// The next reply; `None` when the distribuidor closed the connection.
+    pub async fn recv(&mut self) -> anyhow::Result<Option<Reply>> {
+        let Some(line) = self.lines.next_line().await.context("reading from the distribuidor")? else {
+            return Ok(None);
+        };
+        let reply = serde_json::from_str(&line).with_context(|| format!("unreadable reply from the distribuidor: {line}"))?;
+        Ok(Some(reply))
     }
 }

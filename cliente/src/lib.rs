@@ -2,6 +2,7 @@
 //! protocol ([`client`]), the demo run ([`demo`]), and the dead-letter
 //! queue tools ([`dlq`]). `main.rs` is the CLI.
 
+pub mod bench;
 pub mod client;
 pub mod demo;
 pub mod dlq;

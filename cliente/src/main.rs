@@ -45,6 +45,9 @@ enum Command {
     Status { task_id: String },
     /// Check that the distribuidor answers.
     Ping,
+    /// Load the system with tasks and measure throughput and latency
+    /// (with --baseline, also the bare dependencies, in the same run).
+    Bench(Box<cliente::bench::BenchArgs>),
     /// The dead-letter queue: tasks that failed their last attempt.
     Dlq {
         #[command(subcommand)]
@@ -113,6 +116,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Some(Command::Status { task_id }) => one_request(&cli.addr, Request::Status { task_id }, limit).await,
         Some(Command::Ping) => one_request(&cli.addr, Request::Ping, limit).await,
+        Some(Command::Bench(args)) => {
+            let report = cliente::bench::run(&cli.addr, &args).await?;
+            print!("{}", report.render());
+            if let Some(path) = &args.json {
+                std::fs::write(path, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+            }
+            Ok(())
+        }
         Some(Command::Dlq { command: DlqCommand::List, broker, .. }) => {
             let dead = dlq::list(&broker).await?;
             for letter in &dead {

@@ -2,6 +2,7 @@
 //! the real RabbitMQ, PostgreSQL and S3 server (`scripts/services`).
 
 mod bad_input;
+mod bench_smoke;
 mod deployment;
 mod pipeline;
 mod reliability;

@@ -1,0 +1,326 @@
+//! The load generator: `connections` connections, each keeping at most
+//! `window` tasks unacknowledged, optionally paced to a total `rate`.
+//! Records when each task was sent, acked and finished.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use tareas_common::protocol::{Reply, Request, TaskRequest};
+use tokio::sync::Semaphore;
+
+use super::BenchArgs;
+use crate::Client;
+
+/// What the load run measured.
+#[derive(Debug)]
+pub struct LoadResult {
+    pub sent: usize,
+    pub acked: usize,
+    pub results: usize,
+    /// From the first send to the last ack.
+    pub ack_elapsed: Duration,
+    /// From the first send to the last result.
+    pub result_elapsed: Duration,
+    /// Microseconds from send to ack.
+    pub ack_latency: Histogram<u64>,
+    /// Microseconds from send to result.
+    pub end_to_end_latency: Histogram<u64>,
+    /// Error replies by code (an `unavailable` that was retried counts too).
+    pub errors: BTreeMap<String, usize>,
+    /// Tasks whose result was pushed more than once.
+    pub duplicate_results: usize,
+    /// Results whose status was `failed`.
+    pub failed: usize,
+    /// Worker ids seen in results, with counts.
+    pub workers: BTreeMap<String, usize>,
+}
+
+/// Per-connection bookkeeping shared by its sender and receiver.
+#[derive(Default)]
+struct Pending {
+    /// task id → when it was (last) sent.
+    sent_at: HashMap<String, Instant>,
+    /// task id → when it was acked, until its result arrives.
+    acked: HashMap<String, Instant>,
+}
+
+/// Shared figures, merged from every connection.
+struct Totals {
+    result: Mutex<LoadResult>,
+    first_send: Instant,
+    acked_ids: Mutex<Vec<String>>,
+}
+
+pub async fn run(addr: &str, args: &BenchArgs, limit: Duration) -> anyhow::Result<LoadResult> {
+    let payload = args.payload()?;
+    let prefix = args.id_prefix.clone().unwrap_or_else(|| format!("bench-{}", &uuid::Uuid::new_v4().to_string()[..8]));
+    let connections = args.connections.max(1);
+    let progress = progress_bar(args);
+    let totals = Arc::new(Totals {
+        result: Mutex::new(LoadResult {
+            sent: 0,
+            acked: 0,
+            results: 0,
+            ack_elapsed: Duration::ZERO,
+            result_elapsed: Duration::ZERO,
+            ack_latency: histogram(),
+            end_to_end_latency: histogram(),
+            errors: BTreeMap::new(),
+            duplicate_results: 0,
+            failed: 0,
+            workers: BTreeMap::new(),
+        }),
+        first_send: Instant::now(),
+        acked_ids: Mutex::new(Vec::new()),
+    });
+    // Pacing: one permit per task at `rate` per second, shared by all connections.
+    let pacer = args.rate.map(|rate| spawn_pacer(rate, args.tasks));
+    let mut handles = Vec::new();
+    for connection in 0..connections {
+        let count = args.tasks / connections + usize::from(connection < args.tasks % connections);
+        let ids: Vec<String> = (0..count).map(|i| format!("{prefix}-{connection}-{i}")).collect();
+        let client = Client::connect(addr).await?;
+        let job = Job {
+            ids,
+            task_type: args.task_type.clone(),
+            payload: payload.clone(),
+            window: args.window.max(1),
+            notify: !args.acks_only,
+            retry_unavailable: args.retry_unavailable,
+            pacer: pacer.clone(),
+            totals: totals.clone(),
+            progress: progress.clone(),
+        };
+        handles.push(tokio::spawn(job.run(client)));
+    }
+    let all = futures::future::try_join_all(handles);
+    match tokio::time::timeout(limit, all).await {
+        Err(_) => bail!("the bench did not finish within {limit:?}"),
+        Ok(joined) => {
+            for outcome in joined.context("a bench connection panicked")? {
+                outcome?;
+            }
+        }
+    }
+    progress.finish_and_clear();
+    if let Some(path) = &args.record_acked {
+        let ids = totals.acked_ids.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.join("\n");
+        std::fs::write(path, ids + "\n").with_context(|| format!("writing {}", path.display()))?;
+    }
+    let totals = Arc::try_unwrap(totals).map_err(|_| anyhow::anyhow!("bench connections still running"))?;
+    totals.result.into_inner().map_err(|_| anyhow::anyhow!("poisoned"))
+}
+
+fn histogram() -> Histogram<u64> {
+    // 1 µs to 1 hour, 3 significant digits.
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
+}
+
+fn progress_bar(args: &BenchArgs) -> ProgressBar {
+    if args.quiet {
+        return ProgressBar::hidden();
+    }
+    let total = if args.acks_only { args.tasks } else { args.tasks * 2 };
+    let bar = ProgressBar::new(total as u64);
+    let style = ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} acks+results {per_sec}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style.progress_chars("=> "));
+    bar
+}
+
+fn spawn_pacer(rate: f64, tasks: usize) -> Arc<Semaphore> {
+    let permits = Arc::new(Semaphore::new(0));
+    let feed = permits.clone();
+    tokio::spawn(async move {
+        let start = Instant::now();
+        let mut released = 0usize;
+        while released < tasks {
+            let due = ((start.elapsed().as_secs_f64() * rate) as usize).min(tasks);
+            if due > released {
+                feed.add_permits(due - released);
+                released = due;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    });
+    permits
+}
+
+/// One connection's share of the load.
+struct Job {
+    ids: Vec<String>,
+    task_type: String,
+    payload: serde_json::Value,
+    window: usize,
+    notify: bool,
+    retry_unavailable: bool,
+    pacer: Option<Arc<Semaphore>>,
+    totals: Arc<Totals>,
+    progress: ProgressBar,
+}
+
+impl Job {
+    async fn run(self, client: Client) -> anyhow::Result<()> {
+        let (mut writer, mut reader) = client.into_split();
+        let window = Arc::new(Semaphore::new(self.window));
+        let pending = Arc::new(Mutex::new(Pending::default()));
+        let (resend_tx, mut resend_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let count = self.ids.len();
+        // Receiver: acks free window slots; results complete tasks.
+        let mut receiving = {
+            let window = window.clone();
+            let pending = pending.clone();
+            let totals = self.totals.clone();
+            let progress = self.progress.clone();
+            let retry = self.retry_unavailable.then_some(resend_tx);
+            let notify = self.notify;
+            tokio::spawn(async move { receive(&mut reader, count, notify, retry, &window, &pending, &totals, &progress).await })
+        };
+        for id in &self.ids {
+            self.send(&mut writer, &window, &pending, id).await?;
+        }
+        writer.flush().await?;
+        // Resend what was refused as `unavailable` until the receiver is done.
+        let received = loop {
+            tokio::select! {
+                received = &mut receiving => break received,
+                Some(id) = resend_rx.recv() => {
+                    self.send(&mut writer, &window, &pending, &id).await?;
+                    writer.flush().await?;
+                }
+            }
+        };
+        received.context("bench receiver panicked")?
+    }
+
+    async fn send(
+        &self,
+        writer: &mut crate::client::RequestWriter,
+        window: &Arc<Semaphore>,
+        pending: &Mutex<Pending>,
+        id: &str,
+    ) -> anyhow::Result<()> {
+        if let Some(pacer) = &self.pacer {
+            match pacer.try_acquire() {
+                Ok(permit) => permit.forget(),
+                Err(_) => {
+                    writer.flush().await?;
+                    pacer.acquire().await?.forget();
+                }
+            }
+        }
+        match window.try_acquire() {
+            Ok(permit) => permit.forget(),
+            Err(_) => {
+                writer.flush().await?;
+                window.acquire().await?.forget();
+            }
+        } // the slot is given back by the receiver on the ack or error
+        lock(pending).sent_at.insert(id.to_owned(), Instant::now());
+        let request = Request::Task(TaskRequest {
+            task_id: Some(id.to_owned()),
+            task_type: Some(self.task_type.clone()),
+            payload: Some(self.payload.clone()),
+            notify: Some(self.notify),
+        });
+        writer.send(&request).await?;
+        lock(&self.totals.result).sent += 1;
+        Ok(())
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn receive(
+    reader: &mut crate::client::ReplyReader,
+    count: usize,
+    notify: bool,
+    retry_unavailable: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+    window: &Semaphore,
+    pending: &Mutex<Pending>,
+    totals: &Totals,
+    progress: &ProgressBar,
+) -> anyhow::Result<()> {
+    let mut acked = 0usize;
+    let mut finished = 0usize;
+    let mut seen_results: std::collections::HashSet<String> = std::collections::HashSet::new();
+    while acked < count || (notify && finished < count) {
+        let Some(reply) = reader.recv().await? else {
+            bail!("the distribuidor closed the connection with {} of {count} tasks acked", acked);
+        };
+        let now = Instant::now();
+        match reply {
+            Reply::Ack { task_id, .. } => {
+                let id = task_id.to_string();
+                let sent = lock(pending).sent_at.remove(&id);
+                window.add_permits(1);
+                acked += 1;
+                progress.inc(1);
+                let mut result = lock(&totals.result);
+                result.acked += 1;
+                result.ack_elapsed = now - totals.first_send;
+                if let Some(sent) = sent {
+                    let _ = result.ack_latency.record(micros(now - sent));
+                    if notify {
+                        lock(pending).acked.insert(id.clone(), sent);
+                    }
+                }
+                drop(result);
+                lock(&totals.acked_ids).push(id);
+            }
+            Reply::Result(report) => {
+                let id = report.task_id.to_string();
+                let mut result = lock(&totals.result);
+                if !seen_results.insert(id.clone()) {
+                    result.duplicate_results += 1;
+                    continue;
+                }
+                finished += 1;
+                progress.inc(1);
+                result.results += 1;
+                result.result_elapsed = now - totals.first_send;
+                if report.status == tareas_common::task::TaskState::Failed {
+                    result.failed += 1;
+                }
+                if let Some(worker) = report.worker_id {
+                    *result.workers.entry(worker).or_default() += 1;
+                }
+                if let Some(sent) = lock(pending).acked.remove(&id) {
+                    let _ = result.end_to_end_latency.record(micros(now - sent));
+                }
+            }
+            Reply::Error(error) => {
+                window.add_permits(1);
+                *lock(&totals.result).errors.entry(error.code.as_str().to_owned()).or_default() += 1;
+                let id = error.task_id.clone().unwrap_or_default();
+                lock(pending).sent_at.remove(&id);
+                let unavailable = error.code == tareas_common::protocol::ErrorCode::Unavailable;
+                if let (Some(resend), true, false) = (&retry_unavailable, unavailable, id.is_empty()) {
+                    // Give the system a moment to come back before trying again.
+                    let resend = resend.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        let _ = resend.send(id);
+                    });
+                } else {
+                    // Refused for good: it will never be acked nor finish.
+                    acked += 1;
+                    finished += 1;
+                }
+            }
+            other => bail!("unexpected reply during the bench: {other:?}"),
+        }
+    }
+    Ok(())
+}
+
+fn micros(elapsed: Duration) -> u64 {
+    u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX).max(1)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
