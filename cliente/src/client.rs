@@ -22,7 +22,10 @@ impl Client {
         })?;
         stream.set_nodelay(true)?;
         let (reader, writer) = stream.into_split();
-        Ok(Client { lines: BufReader::new(reader).lines(), writer })
+        Ok(Client {
+            lines: BufReader::new(reader).lines(),
+            writer,
+        })
     }
 
     /// Sends one request, newline-terminated.
@@ -34,7 +37,10 @@ impl Client {
 
     /// Sends raw bytes, as they are (for tests of malformed input).
     pub async fn send_raw(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
-        self.writer.write_all(bytes).await.context("the distribuidor closed the connection")?;
+        self.writer
+            .write_all(bytes)
+            .await
+            .context("the distribuidor closed the connection")?;
         Ok(())
     }
 
@@ -45,10 +51,16 @@ impl Client {
 
     /// The next reply; `None` when the distribuidor closed the connection.
     pub async fn recv(&mut self) -> anyhow::Result<Option<Reply>> {
-        let Some(line) = self.lines.next_line().await.context("reading from the distribuidor")? else {
+        let Some(line) = self
+            .lines
+            .next_line()
+            .await
+            .context("reading from the distribuidor")?
+        else {
             return Ok(None);
         };
-        let reply = serde_json::from_str(&line).with_context(|| format!("unreadable reply from the distribuidor: {line}"))?;
+        let reply = serde_json::from_str(&line)
+            .with_context(|| format!("unreadable reply from the distribuidor: {line}"))?;
         Ok(Some(reply))
     }
 
@@ -63,7 +75,12 @@ impl Client {
 
     /// Splits into a writer and a reader that can be used from two tasks.
     pub fn into_split(self) -> (RequestWriter, ReplyReader) {
-        (RequestWriter { writer: BufWriter::new(self.writer) }, ReplyReader { lines: self.lines })
+        (
+            RequestWriter {
+                writer: BufWriter::new(self.writer),
+            },
+            ReplyReader { lines: self.lines },
+        )
     }
 
     /// Closes the sending half (the distribuidor then finishes and closes).
@@ -83,12 +100,18 @@ impl RequestWriter {
     pub async fn send(&mut self, request: &Request) -> anyhow::Result<()> {
         let mut line = serde_json::to_vec(request)?;
         line.push(b'\n');
-        self.writer.write_all(&line).await.context("the distribuidor closed the connection")?;
+        self.writer
+            .write_all(&line)
+            .await
+            .context("the distribuidor closed the connection")?;
         Ok(())
     }
 
     pub async fn flush(&mut self) -> anyhow::Result<()> {
-        self.writer.flush().await.context("the distribuidor closed the connection")?;
+        self.writer
+            .flush()
+            .await
+            .context("the distribuidor closed the connection")?;
         Ok(())
     }
 }
@@ -101,10 +124,16 @@ pub struct ReplyReader {
 impl ReplyReader {
     /// The next reply; `None` when the distribuidor closed the connection.
     pub async fn recv(&mut self) -> anyhow::Result<Option<Reply>> {
-        let Some(line) = self.lines.next_line().await.context("reading from the distribuidor")? else {
+        let Some(line) = self
+            .lines
+            .next_line()
+            .await
+            .context("reading from the distribuidor")?
+        else {
             return Ok(None);
         };
-        let reply = serde_json::from_str(&line).with_context(|| format!("unreadable reply from the distribuidor: {line}"))?;
+        let reply = serde_json::from_str(&line)
+            .with_context(|| format!("unreadable reply from the distribuidor: {line}"))?;
         Ok(Some(reply))
     }
 }

@@ -39,7 +39,11 @@ pub async fn run(addr: &str, limit: Duration, print: bool) -> anyhow::Result<Sum
     let mut order = builtin::ALL.iter();
     while summary.results.len() + summary.errors.len() < builtin::ALL.len() {
         let Some(left) = limit.checked_sub(started.elapsed()) else {
-            bail!("only {} of {} results arrived within {limit:?}", summary.results.len(), builtin::ALL.len());
+            bail!(
+                "only {} of {} results arrived within {limit:?}",
+                summary.results.len(),
+                builtin::ALL.len()
+            );
         };
         match client.recv_within(left).await? {
             Reply::Ack { task_id, .. } => {
@@ -52,7 +56,10 @@ pub async fn run(addr: &str, limit: Duration, print: bool) -> anyhow::Result<Sum
                 }
             }
             Reply::Result(report) => {
-                let task_type = task_types.get(report.task_id.as_str()).cloned().unwrap_or_default();
+                let task_type = task_types
+                    .get(report.task_id.as_str())
+                    .cloned()
+                    .unwrap_or_default();
                 if print {
                     print_result(&task_type, &report);
                 }
@@ -63,13 +70,19 @@ pub async fn run(addr: &str, limit: Duration, print: bool) -> anyhow::Result<Sum
                 if print {
                     println!("error   {} {}", error.code.as_str(), error.message);
                 }
-                summary.errors.push(format!("{}: {}", error.code.as_str(), error.message));
+                summary
+                    .errors
+                    .push(format!("{}: {}", error.code.as_str(), error.message));
             }
             other => bail!("unexpected reply: {other:?}"),
         }
     }
     if print {
-        let succeeded = summary.results.values().filter(|r| r.status == TaskState::Succeeded).count();
+        let succeeded = summary
+            .results
+            .values()
+            .filter(|r| r.status == TaskState::Succeeded)
+            .count();
         println!(
             "\n{} sent, {} acked, {} succeeded, {} failed, {} refused in {:.2}s",
             builtin::ALL.len(),

@@ -42,7 +42,10 @@ async fn open(broker: &BrokerArgs) -> anyhow::Result<(Connection, Channel, Topol
         .with_context(|| format!("cannot reach RabbitMQ at {} (AMQP_URL)", broker.amqp_url))?;
     let channel = connection.create_channel().await?;
     let topology = Topology::new(broker.queue.clone());
-    topology.declare(&channel).await.context("declaring the queues")?;
+    topology
+        .declare(&channel)
+        .await
+        .context("declaring the queues")?;
     Ok((connection, channel, topology))
 }
 
@@ -51,7 +54,10 @@ async fn open(broker: &BrokerArgs) -> anyhow::Result<(Connection, Channel, Topol
 async fn fetch_all(channel: &Channel, topology: &Topology) -> anyhow::Result<Vec<BasicGetMessage>> {
     let mut messages = Vec::new();
     while let Some(message) = channel
-        .basic_get(topology.dead_letter_queue().as_str().into(), BasicGetOptions { no_ack: false })
+        .basic_get(
+            topology.dead_letter_queue().as_str().into(),
+            BasicGetOptions { no_ack: false },
+        )
         .await?
     {
         messages.push(message);
@@ -64,14 +70,19 @@ fn describe(message: &BasicGetMessage) -> DeadLetter {
     DeadLetter {
         task_id: task.as_ref().map(|t| t.task_id.to_string()),
         task_type: task.map(|t| t.task_type),
-        reason: death_reason(message.delivery.properties.headers().as_ref()).unwrap_or_else(|| "unknown".into()),
+        reason: death_reason(message.delivery.properties.headers().as_ref())
+            .unwrap_or_else(|| "unknown".into()),
     }
 }
 
 /// The `reason` of the first `x-death` entry RabbitMQ added.
 fn death_reason(headers: Option<&FieldTable>) -> Option<String> {
-    let AMQPValue::FieldArray(deaths) = headers?.inner().get("x-death")? else { return None };
-    let AMQPValue::FieldTable(first) = deaths.as_slice().first()? else { return None };
+    let AMQPValue::FieldArray(deaths) = headers?.inner().get("x-death")? else {
+        return None;
+    };
+    let AMQPValue::FieldTable(first) = deaths.as_slice().first()? else {
+        return None;
+    };
     match first.inner().get("reason")? {
         AMQPValue::LongString(reason) => Some(reason.to_string()),
         AMQPValue::ShortString(reason) => Some(reason.to_string()),
@@ -90,14 +101,22 @@ pub async fn list(broker: &BrokerArgs) -> anyhow::Result<Vec<DeadLetter>> {
 }
 
 /// Replays the selected dead-lettered tasks; returns the replayed ids.
-pub async fn replay(broker: &BrokerArgs, database: &DatabaseArgs, selection: &Selection) -> anyhow::Result<Vec<String>> {
+pub async fn replay(
+    broker: &BrokerArgs,
+    database: &DatabaseArgs,
+    selection: &Selection,
+) -> anyhow::Result<Vec<String>> {
     let db = Db::new(&database.database_url, 2)?;
     let (connection, channel, topology) = open(broker).await?;
-    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
     let messages = fetch_all(&channel, &topology).await?;
     let mut replayed = Vec::new();
     for message in &messages {
-        let Ok(task) = serde_json::from_slice::<TaskMessage>(&message.delivery.data) else { continue };
+        let Ok(task) = serde_json::from_slice::<TaskMessage>(&message.delivery.data) else {
+            continue;
+        };
         let chosen = match selection {
             Selection::All => true,
             Selection::One(id) => task.task_id.as_str() == id,
@@ -107,8 +126,15 @@ pub async fn replay(broker: &BrokerArgs, database: &DatabaseArgs, selection: &Se
         }
         db.reset_for_replay(task.task_id.as_str())
             .await
-            .with_context(|| format!("cannot reset task {} in PostgreSQL (DATABASE_URL)", task.task_id))?;
-        let mut properties = BasicProperties::default().with_delivery_mode(2).with_content_type("application/json".into());
+            .with_context(|| {
+                format!(
+                    "cannot reset task {} in PostgreSQL (DATABASE_URL)",
+                    task.task_id
+                )
+            })?;
+        let mut properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into());
         if let Some(reply_to) = message.delivery.properties.reply_to() {
             properties = properties.with_reply_to(reply_to.clone());
         }
@@ -116,7 +142,10 @@ pub async fn replay(broker: &BrokerArgs, database: &DatabaseArgs, selection: &Se
             .basic_publish(
                 "".into(),
                 topology.queue.as_str().into(),
-                BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
                 &message.delivery.data,
                 properties,
             )
@@ -125,16 +154,24 @@ pub async fn replay(broker: &BrokerArgs, database: &DatabaseArgs, selection: &Se
             .await
             .context("RabbitMQ did not confirm the replay in time")??;
         if confirmation.is_nack() || confirmation.take_message().is_some() {
-            bail!("RabbitMQ refused the replay of {}; it stays in the dead-letter queue", task.task_id);
+            bail!(
+                "RabbitMQ refused the replay of {}; it stays in the dead-letter queue",
+                task.task_id
+            );
         }
-        channel.basic_ack(message.delivery.delivery_tag, BasicAckOptions::default()).await?;
+        channel
+            .basic_ack(message.delivery.delivery_tag, BasicAckOptions::default())
+            .await?;
         replayed.push(task.task_id.to_string());
     }
     let _ = channel.close(200, "replayed".into()).await;
     let _ = connection.close(200, "replayed".into()).await;
     if let Selection::One(id) = selection {
         if replayed.is_empty() {
-            bail!("task {id} is not in the dead-letter queue {}", topology.dead_letter_queue());
+            bail!(
+                "task {id} is not in the dead-letter queue {}",
+                topology.dead_letter_queue()
+            );
         }
     }
     Ok(replayed)

@@ -16,7 +16,12 @@ use tareas_common::task::TaskState;
 #[command(version, about)]
 struct Cli {
     /// The distribuidor's address.
-    #[arg(long, env = "DISTRIBUIDOR_ADDR", default_value = "127.0.0.1:8888", global = true)]
+    #[arg(
+        long,
+        env = "DISTRIBUIDOR_ADDR",
+        default_value = "127.0.0.1:8888",
+        global = true
+    )]
     addr: String,
     /// Seconds to wait for replies and results.
     #[arg(long, default_value_t = 60, global = true)]
@@ -92,14 +97,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         None => {
             let summary = demo::run(&cli.addr, limit, true).await?;
             if !summary.errors.is_empty() {
-                bail!("{} task(s) were refused: {}", summary.errors.len(), summary.errors.join("; "));
+                bail!(
+                    "{} task(s) were refused: {}",
+                    summary.errors.len(),
+                    summary.errors.join("; ")
+                );
             }
             Ok(())
         }
-        Some(Command::Submit { task_type, payload, task_id, wait }) => {
+        Some(Command::Submit {
+            task_type,
+            payload,
+            task_id,
+            wait,
+        }) => {
             let payload = serde_json::from_str(&payload).context("--payload is not valid JSON")?;
             let mut client = Client::connect(&cli.addr).await?;
-            let task = TaskRequest { task_id, task_type: Some(task_type), payload: Some(payload), notify: Some(wait) };
+            let task = TaskRequest {
+                task_id,
+                task_type: Some(task_type),
+                payload: Some(payload),
+                notify: Some(wait),
+            };
             client.submit(task).await?;
             let ack = expect_ok(client.recv_within(limit).await?)?;
             println!("{}", serde_json::to_string(&ack)?);
@@ -108,23 +127,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string(&result)?);
                 if let Reply::Result(report) = result {
                     if report.status == TaskState::Failed {
-                        bail!("task {} failed: {}", report.task_id, report.error.unwrap_or_default());
+                        bail!(
+                            "task {} failed: {}",
+                            report.task_id,
+                            report.error.unwrap_or_default()
+                        );
                     }
                 }
             }
             Ok(())
         }
-        Some(Command::Status { task_id }) => one_request(&cli.addr, Request::Status { task_id }, limit).await,
+        Some(Command::Status { task_id }) => {
+            one_request(&cli.addr, Request::Status { task_id }, limit).await
+        }
         Some(Command::Ping) => one_request(&cli.addr, Request::Ping, limit).await,
         Some(Command::Bench(args)) => {
             let report = cliente::bench::run(&cli.addr, &args).await?;
             print!("{}", report.render());
             if let Some(path) = &args.json {
-                std::fs::write(path, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+                std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
             }
             Ok(())
         }
-        Some(Command::Dlq { command: DlqCommand::List, broker, .. }) => {
+        Some(Command::Dlq {
+            command: DlqCommand::List,
+            broker,
+            ..
+        }) => {
             let dead = dlq::list(&broker).await?;
             for letter in &dead {
                 println!(
@@ -137,7 +167,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{} task(s) in {}.dlq", dead.len(), broker.queue);
             Ok(())
         }
-        Some(Command::Dlq { command: DlqCommand::Replay { task_id, all: _ }, broker, database }) => {
+        Some(Command::Dlq {
+            command: DlqCommand::Replay { task_id, all: _ },
+            broker,
+            database,
+        }) => {
             let selection = match task_id {
                 Some(id) => dlq::Selection::One(id),
                 None => dlq::Selection::All,

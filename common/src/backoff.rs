@@ -19,7 +19,11 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(min: Duration, max: Duration) -> Backoff {
-        Backoff { min, max, current: min }
+        Backoff {
+            min,
+            max,
+            current: min,
+        }
     }
 
     /// The default for reconnecting to a dependency: 100 ms up to 5 s.
@@ -57,7 +61,11 @@ pub struct Dependency {
 
 impl Dependency {
     pub const fn new(name: &'static str, hint: &'static str) -> Dependency {
-        Dependency { name, hint, down: AtomicBool::new(false) }
+        Dependency {
+            name,
+            hint,
+            down: AtomicBool::new(false),
+        }
     }
 
     /// A call failed.
@@ -82,8 +90,10 @@ impl Dependency {
 }
 
 /// RabbitMQ, as every process sees it.
-pub static RABBITMQ: Dependency =
-    Dependency::new("RabbitMQ", "check AMQP_URL; locally start it with `scripts/services`");
+pub static RABBITMQ: Dependency = Dependency::new(
+    "RabbitMQ",
+    "check AMQP_URL; locally start it with `scripts/services`",
+);
 /// PostgreSQL, as every process sees it.
 pub static POSTGRES: Dependency = Dependency::new(
     "PostgreSQL",

@@ -76,13 +76,19 @@ pub fn is_builtin(task_type: &str) -> bool {
 /// Turns the optional `task_type` and `payload` of a request into the
 /// canonical pair. The course clients' shorthand, a string payload with no
 /// task type, is an `echo` of that string.
-pub fn normalize(task_type: Option<String>, payload: Option<Value>) -> Result<(String, Value), PayloadError> {
+pub fn normalize(
+    task_type: Option<String>,
+    payload: Option<Value>,
+) -> Result<(String, Value), PayloadError> {
     match (task_type, payload) {
         (None, Some(Value::String(text))) => Ok((ECHO.to_owned(), json!({ "text": text }))),
-        (Some(task_type), Some(Value::String(text))) if task_type == ECHO => Ok((task_type, json!({ "text": text }))),
+        (Some(task_type), Some(Value::String(text))) if task_type == ECHO => {
+            Ok((task_type, json!({ "text": text })))
+        }
         (None, _) => Err(PayloadError::Invalid {
             task_type: "task".into(),
-            reason: "missing \"task_type\" (only a plain string payload may omit it, as an echo)".into(),
+            reason: "missing \"task_type\" (only a plain string payload may omit it, as an echo)"
+                .into(),
         }),
         (Some(task_type), payload) => Ok((task_type, payload.unwrap_or(Value::Null))),
     }
@@ -90,13 +96,19 @@ pub fn normalize(task_type: Option<String>, payload: Option<Value>) -> Result<(S
 
 /// Checks a built-in payload against its type and limits.
 pub fn validate(task_type: &str, payload: &Value) -> Result<(), PayloadError> {
-    let invalid = |reason: String| PayloadError::Invalid { task_type: task_type.to_owned(), reason };
+    let invalid = |reason: String| PayloadError::Invalid {
+        task_type: task_type.to_owned(),
+        reason,
+    };
     match task_type {
         HASH | REVERSE | ECHO => parse::<TextPayload>(task_type, payload).map(drop),
         FIBONACCI => {
             let p: FibonacciPayload = parse(task_type, payload)?;
             if p.n > FIBONACCI_MAX_N {
-                return Err(invalid(format!("n must be at most {FIBONACCI_MAX_N}, got {}", p.n)));
+                return Err(invalid(format!(
+                    "n must be at most {FIBONACCI_MAX_N}, got {}",
+                    p.n
+                )));
             }
             Ok(())
         }
@@ -114,7 +126,10 @@ pub fn validate(task_type: &str, payload: &Value) -> Result<(), PayloadError> {
         SLEEP => {
             let p: SleepPayload = parse(task_type, payload)?;
             if p.ms > SLEEP_MAX_MS {
-                return Err(invalid(format!("ms must be at most {SLEEP_MAX_MS}, got {}", p.ms)));
+                return Err(invalid(format!(
+                    "ms must be at most {SLEEP_MAX_MS}, got {}",
+                    p.ms
+                )));
             }
             Ok(())
         }
@@ -163,7 +178,10 @@ mod tests {
         assert!(validate(SUM, &json!({"numbers": [1, "2"]})).is_err());
         assert!(validate(SLEEP, &json!({"ms": 60_001})).is_err());
         assert!(validate(COMPUTE, &json!({"iterations": 1_000_000_001u64})).is_err());
-        assert_eq!(validate("nope", &json!({})), Err(PayloadError::UnknownTaskType("nope".into())));
+        assert_eq!(
+            validate("nope", &json!({})),
+            Err(PayloadError::UnknownTaskType("nope".into()))
+        );
     }
 
     #[test]

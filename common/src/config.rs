@@ -8,7 +8,11 @@ use clap::{Args, ValueEnum};
 #[derive(Debug, Clone, Args)]
 pub struct BrokerArgs {
     /// RabbitMQ URL.
-    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
     pub amqp_url: String,
     /// The work queue; its dead-letter queue is `<queue>.dlq`.
     #[arg(long, env = "TAREAS_QUEUE", default_value = "tareas")]
@@ -19,7 +23,11 @@ pub struct BrokerArgs {
 #[derive(Debug, Clone, Args)]
 pub struct DatabaseArgs {
     /// PostgreSQL URL; the `tasks` table is created there at start-up.
-    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/tareas")]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/tareas"
+    )]
     pub database_url: String,
 }
 
@@ -36,7 +44,12 @@ pub struct S3Args {
     #[arg(long, env = "AWS_ACCESS_KEY_ID", default_value = "tareas")]
     pub aws_access_key_id: String,
     /// S3 secret key.
-    #[arg(long, env = "AWS_SECRET_ACCESS_KEY", default_value = "tareas-secret", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "AWS_SECRET_ACCESS_KEY",
+        default_value = "tareas-secret",
+        hide_env_values = true
+    )]
     pub aws_secret_access_key: String,
     /// S3 region (MinIO and s3s-fs accept any).
     #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]

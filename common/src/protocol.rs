@@ -33,7 +33,10 @@ pub struct TaskRequest {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Reply {
     /// The task is durably queued: RabbitMQ confirmed it.
-    Ack { task_id: TaskId, status: TaskState },
+    Ack {
+        task_id: TaskId,
+        status: TaskState,
+    },
     /// The task finished.
     Result(TaskReport),
     /// The answer to a status request.
@@ -123,7 +126,11 @@ impl ErrorCode {
 
 impl Reply {
     pub fn error(code: ErrorCode, message: impl Into<String>, task_id: Option<String>) -> Reply {
-        Reply::Error(ErrorReply { code, message: message.into(), task_id })
+        Reply::Error(ErrorReply {
+            code,
+            message: message.into(),
+            task_id,
+        })
     }
 
     /// The reply as one line of JSON, newline included.
@@ -146,7 +153,11 @@ pub struct RequestError {
 
 impl RequestError {
     fn new(code: ErrorCode, message: impl Into<String>, task_id: Option<String>) -> Self {
-        RequestError { code, message: message.into(), task_id }
+        RequestError {
+            code,
+            message: message.into(),
+            task_id,
+        }
     }
 
     pub fn into_reply(self) -> Reply {
@@ -182,7 +193,11 @@ impl Request {
         let kind = match object.get("type") {
             Some(Value::String(kind)) => kind.clone(),
             Some(_) => {
-                return Err(RequestError::new(ErrorCode::InvalidRequest, "\"type\" must be a string", task_id))
+                return Err(RequestError::new(
+                    ErrorCode::InvalidRequest,
+                    "\"type\" must be a string",
+                    task_id,
+                ))
             }
             None => {
                 return Err(RequestError::new(
@@ -200,14 +215,20 @@ impl Request {
             ));
         }
         serde_json::from_value(Value::Object(object)).map_err(|err| {
-            RequestError::new(ErrorCode::InvalidRequest, format!("malformed {kind} request: {err}"), task_id)
+            RequestError::new(
+                ErrorCode::InvalidRequest,
+                format!("malformed {kind} request: {err}"),
+                task_id,
+            )
         })
     }
 }
 
 fn readable_task_id(object: &Map<String, Value>) -> Option<String> {
     match object.get("task_id") {
-        Some(Value::String(id)) => Some(id.chars().take(crate::task::MAX_TASK_ID_LEN + 8).collect()),
+        Some(Value::String(id)) => {
+            Some(id.chars().take(crate::task::MAX_TASK_ID_LEN + 8).collect())
+        }
         _ => None,
     }
 }
@@ -219,7 +240,9 @@ mod tests {
 
     #[test]
     fn parses_the_three_requests() {
-        let task = Request::parse(br#"{"type":"task","task_type":"hash","payload":{"text":"hola"}}"#).unwrap();
+        let task =
+            Request::parse(br#"{"type":"task","task_type":"hash","payload":{"text":"hola"}}"#)
+                .unwrap();
         assert_eq!(
             task,
             Request::Task(TaskRequest {
@@ -228,10 +251,15 @@ mod tests {
                 ..TaskRequest::default()
             })
         );
-        assert_eq!(Request::parse(br#"{"type":"ping"}"#).unwrap(), Request::Ping);
+        assert_eq!(
+            Request::parse(br#"{"type":"ping"}"#).unwrap(),
+            Request::Ping
+        );
         assert_eq!(
             Request::parse(br#"{"type":"status","task_id":"x"}"#).unwrap(),
-            Request::Status { task_id: "x".into() }
+            Request::Status {
+                task_id: "x".into()
+            }
         );
     }
 
@@ -244,7 +272,10 @@ mod tests {
         assert_eq!(code(br#"{"type":"launch"}"#), ErrorCode::InvalidRequest);
         assert_eq!(code(br#"{"type":7}"#), ErrorCode::InvalidRequest);
         assert_eq!(code(br#"{"type":"status"}"#), ErrorCode::InvalidRequest);
-        assert_eq!(code(br#"{"type":"task","notify":"yes"}"#), ErrorCode::InvalidRequest);
+        assert_eq!(
+            code(br#"{"type":"task","notify":"yes"}"#),
+            ErrorCode::InvalidRequest
+        );
         let err = Request::parse(br#"{"type":"launch","task_id":"t1"}"#).unwrap_err();
         assert_eq!(err.task_id.as_deref(), Some("t1"));
     }

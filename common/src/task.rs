@@ -151,7 +151,12 @@ mod tests {
 
     #[test]
     fn state_round_trips() {
-        for s in [TaskState::Queued, TaskState::Running, TaskState::Succeeded, TaskState::Failed] {
+        for s in [
+            TaskState::Queued,
+            TaskState::Running,
+            TaskState::Succeeded,
+            TaskState::Failed,
+        ] {
             assert_eq!(s.as_str().parse::<TaskState>(), Ok(s));
         }
         assert!(TaskState::Succeeded.is_terminal());

@@ -29,7 +29,9 @@ pub struct Topology {
 
 impl Topology {
     pub fn new(queue: impl Into<String>) -> Topology {
-        Topology { queue: queue.into() }
+        Topology {
+            queue: queue.into(),
+        }
     }
 
     pub fn dead_letter_exchange(&self) -> String {
@@ -43,17 +45,27 @@ impl Topology {
     /// Declares the work queue, the dead-letter exchange and the dead-letter
     /// queue on `channel`.
     pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
-        let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
         channel
             .exchange_declare(
                 self.dead_letter_exchange().as_str().into(),
                 ExchangeKind::Fanout,
-                ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() },
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
                 FieldTable::default(),
             )
             .await?;
         channel
-            .queue_declare(self.dead_letter_queue().as_str().into(), durable, quorum_arguments())
+            .queue_declare(
+                self.dead_letter_queue().as_str().into(),
+                durable,
+                quorum_arguments(),
+            )
             .await?;
         channel
             .queue_bind(
@@ -65,12 +77,17 @@ impl Topology {
             )
             .await?;
         let mut arguments = quorum_arguments();
-        arguments.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(DELIVERY_LIMIT));
+        arguments.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(DELIVERY_LIMIT),
+        );
         arguments.insert(
             "x-dead-letter-exchange".into(),
             AMQPValue::LongString(LongString::from(self.dead_letter_exchange().as_str())),
         );
-        channel.queue_declare(self.queue.as_str().into(), durable, arguments).await?;
+        channel
+            .queue_declare(self.queue.as_str().into(), durable, arguments)
+            .await?;
         Ok(())
     }
 }
@@ -82,25 +99,49 @@ impl Topology {
     }
 
     /// Declares the retry queue for `delay_ms`; returns its name.
-    pub async fn declare_retry_queue(&self, channel: &Channel, delay_ms: u64) -> Result<String, lapin::Error> {
+    pub async fn declare_retry_queue(
+        &self,
+        channel: &Channel,
+        delay_ms: u64,
+    ) -> Result<String, lapin::Error> {
         let name = self.retry_queue(delay_ms);
         let mut arguments = quorum_arguments();
-        arguments.insert("x-message-ttl".into(), AMQPValue::LongLongInt(i64::try_from(delay_ms).unwrap_or(i64::MAX)));
-        arguments.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(LongString::from("")));
+        arguments.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(i64::try_from(delay_ms).unwrap_or(i64::MAX)),
+        );
+        arguments.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(LongString::from("")),
+        );
         arguments.insert(
             "x-dead-letter-routing-key".into(),
             AMQPValue::LongString(LongString::from(self.queue.as_str())),
         );
-        arguments.insert("x-dead-letter-strategy".into(), AMQPValue::LongString(LongString::from("at-least-once")));
-        arguments.insert("x-overflow".into(), AMQPValue::LongString(LongString::from("reject-publish")));
-        let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
-        channel.queue_declare(name.as_str().into(), durable, arguments).await?;
+        arguments.insert(
+            "x-dead-letter-strategy".into(),
+            AMQPValue::LongString(LongString::from("at-least-once")),
+        );
+        arguments.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString(LongString::from("reject-publish")),
+        );
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        channel
+            .queue_declare(name.as_str().into(), durable, arguments)
+            .await?;
         Ok(name)
     }
 }
 
 fn quorum_arguments() -> FieldTable {
     let mut arguments = FieldTable::default();
-    arguments.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
+    arguments.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
     arguments
 }

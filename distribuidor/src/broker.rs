@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tareas_common::backoff::RABBITMQ;
@@ -23,6 +25,8 @@ use crate::router::Router;
 
 /// How long a publish may wait for RabbitMQ's confirm.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long connecting and declaring everything may take.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Why a task could not be handed to RabbitMQ. In every case the task was
 /// not accepted.
@@ -61,11 +65,19 @@ pub struct Broker {
 impl Broker {
     /// Starts the supervisor. The link comes up in the background; until it
     /// does, publishes fail with [`PublishError::Disconnected`].
-    pub fn start(amqp_url: String, topology: Topology, router: Arc<Router>, shutdown: CancellationToken) -> Broker {
+    pub fn start(
+        amqp_url: String,
+        topology: Topology,
+        router: Arc<Router>,
+        shutdown: CancellationToken,
+    ) -> Broker {
         let (tx, rx) = watch::channel(None);
         let topology = Arc::new(topology);
         tokio::spawn(supervise(amqp_url, topology.clone(), router, tx, shutdown));
-        Broker { session: rx, topology }
+        Broker {
+            session: rx,
+            topology,
+        }
     }
 
     /// Waits until the link is up (for tests and start-up logs).
@@ -77,6 +89,12 @@ impl Broker {
     /// Publishes `task` as a persistent, mandatory message and waits for
     /// RabbitMQ's confirm. `Ok` means the task is durably queued.
     pub async fn publish(&self, task: &TaskMessage) -> Result<(), PublishError> {
+        tokio::time::timeout(CONFIRM_TIMEOUT, self.publish_confirmed(task))
+            .await
+            .map_err(|_| PublishError::Timeout(CONFIRM_TIMEOUT))?
+    }
+
+    async fn publish_confirmed(&self, task: &TaskMessage) -> Result<(), PublishError> {
         let Some(session) = self.session.borrow().clone() else {
             return Err(PublishError::Disconnected);
         };
@@ -92,14 +110,15 @@ impl Broker {
             .basic_publish(
                 "".into(),
                 self.topology.queue.as_str().into(),
-                BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
                 &body,
                 properties,
             )
             .await?;
-        let confirmation = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
-            .await
-            .map_err(|_| PublishError::Timeout(CONFIRM_TIMEOUT))??;
+        let confirmation = confirm.await?;
         if confirmation.is_nack() {
             return Err(PublishError::Nacked);
         }
@@ -119,22 +138,38 @@ async fn supervise(
     shutdown: CancellationToken,
 ) {
     loop {
-        let connected = tareas_common::backoff::retry_until_ok(&RABBITMQ, &shutdown, || {
-            open(&amqp_url, &topology)
+        // A restart of RabbitMQ in the middle of opening can leave a reply
+        // pending forever: opening has a time limit, and is retried.
+        let connected = tareas_common::backoff::retry_until_ok(&RABBITMQ, &shutdown, || async {
+            match tokio::time::timeout(OPEN_TIMEOUT, open(&amqp_url, &topology)).await {
+                Ok(opened) => opened.map_err(|err| err.to_string()),
+                Err(_) => Err(format!("opening the connection took over {OPEN_TIMEOUT:?}")),
+            }
         })
         .await;
-        let Some((connection, publish_channel, consumer, reply_queue)) = connected else { return };
+        let Some((connection, publish_channel, consumer, reply_queue)) = connected else {
+            return;
+        };
         tracing::info!(queue = %topology.queue, reply_queue = %reply_queue, "connected to RabbitMQ");
-        session.send_replace(Some(Session { channel: publish_channel, reply_queue }));
+        session.send_replace(Some(Session {
+            channel: publish_channel,
+            reply_queue,
+        }));
         let lost = tokio::select! {
             () = shutdown.cancelled() => false,
             () = route_results(consumer, &router) => true,
         };
         session.send_replace(None);
         if lost {
-            tracing::error!("lost the RabbitMQ connection; new tasks get `unavailable` until it is back");
+            tracing::error!(
+                "lost the RabbitMQ connection; new tasks get `unavailable` until it is back"
+            );
         } else {
-            let _ = connection.close(200, "distribuidor shutting down".into()).await;
+            let _ = tokio::time::timeout(
+                OPEN_TIMEOUT,
+                connection.close(200, "distribuidor shutting down".into()),
+            )
+            .await;
             return;
         }
     }
@@ -142,16 +177,25 @@ async fn supervise(
 
 /// Connects, declares the topology and this instance's reply queue, and
 /// starts consuming it.
-async fn open(amqp_url: &str, topology: &Topology) -> Result<(Connection, Channel, lapin::Consumer, String), lapin::Error> {
+async fn open(
+    amqp_url: &str,
+    topology: &Topology,
+) -> Result<(Connection, Channel, lapin::Consumer, String), lapin::Error> {
     let connection = Connection::connect(amqp_url, ConnectionProperties::default()).await?;
     let publish_channel = connection.create_channel().await?;
     topology.declare(&publish_channel).await?;
-    publish_channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    publish_channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
     let reply_channel = connection.create_channel().await?;
     let reply_queue = reply_channel
         .queue_declare(
             "".into(),
-            QueueDeclareOptions { exclusive: true, auto_delete: true, ..QueueDeclareOptions::default() },
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
             FieldTable::default(),
         )
         .await?;
@@ -160,7 +204,10 @@ async fn open(amqp_url: &str, topology: &Topology) -> Result<(Connection, Channe
         .basic_consume(
             reply_queue.as_str().into(),
             "distribuidor-results".into(),
-            BasicConsumeOptions { no_ack: true, ..BasicConsumeOptions::default() },
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
             FieldTable::default(),
         )
         .await?;

@@ -52,10 +52,18 @@ pub async fn serve(
     let outcome = loop {
         // Turn buffered bytes into requests while there is room.
         while reading && pending.len() < limits.max_in_flight {
-            let Some(frame) = framer.next_frame() else { break };
+            let Some(frame) = framer.next_frame() else {
+                break;
+            };
             match frame {
                 Frame::Object(bytes) => {
-                    pending.push_back(start_request(&bytes, id, &shared, &results_tx, &mut unacked));
+                    pending.push_back(start_request(
+                        &bytes,
+                        id,
+                        &shared,
+                        &results_tx,
+                        &mut unacked,
+                    ));
                 }
                 Frame::Garbage(reason) => {
                     pending.push_back(ready(Reply::error(
@@ -139,7 +147,12 @@ fn start_request(
         Request::Ping => ready(Reply::Pong),
         Request::Status { task_id } => {
             let shared = shared.clone();
-            Box::pin(async move { Handled { replies: vec![shared.status(task_id).await], subscribed: None } })
+            Box::pin(async move {
+                Handled {
+                    replies: vec![shared.status(task_id).await],
+                    subscribed: None,
+                }
+            })
         }
         Request::Task(task) => match shared.prepare(task) {
             Err(err) => ready(err.into_reply()),
@@ -154,7 +167,10 @@ fn start_request(
 }
 
 fn ready(reply: Reply) -> Pending {
-    Box::pin(std::future::ready(Handled { replies: vec![reply], subscribed: None }))
+    Box::pin(std::future::ready(Handled {
+        replies: vec![reply],
+        subscribed: None,
+    }))
 }
 
 /// Writes a request's replies, then any result that arrived before its ack.
@@ -170,7 +186,10 @@ async fn write_handled<W: AsyncWrite + Unpin>(
     // Settle the bookkeeping of the task this request was about.
     let about = handled.replies.iter().find_map(|reply| match reply {
         Reply::Ack { task_id, .. } => Some(task_id.clone()),
-        Reply::Error(error) => error.task_id.as_deref().and_then(|raw| TaskId::parse(raw).ok()),
+        Reply::Error(error) => error
+            .task_id
+            .as_deref()
+            .and_then(|raw| TaskId::parse(raw).ok()),
         _ => None,
     });
     let early = about.and_then(|task_id| unacked.remove(&task_id).flatten());

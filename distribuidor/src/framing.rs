@@ -191,14 +191,24 @@ mod tests {
     fn splits_with_and_without_newlines() {
         assert_eq!(
             frames(br#"{"a":1}{"b":"}{"}  {"c":[{"d":2}]}"#, 1024),
-            vec![object(r#"{"a":1}"#), object(r#"{"b":"}{"}"#), object(r#"{"c":[{"d":2}]}"#)]
+            vec![
+                object(r#"{"a":1}"#),
+                object(r#"{"b":"}{"}"#),
+                object(r#"{"c":[{"d":2}]}"#)
+            ]
         );
-        assert_eq!(frames(b"{\"a\":1}\n\r\n{\"b\":2}\n", 1024), vec![object(r#"{"a":1}"#), object(r#"{"b":2}"#)]);
+        assert_eq!(
+            frames(b"{\"a\":1}\n\r\n{\"b\":2}\n", 1024),
+            vec![object(r#"{"a":1}"#), object(r#"{"b":2}"#)]
+        );
     }
 
     #[test]
     fn escapes_inside_strings() {
-        assert_eq!(frames(br#"{"a":"\"}\\"}"#, 1024), vec![object(r#"{"a":"\"}\\"}"#)]);
+        assert_eq!(
+            frames(br#"{"a":"\"}\\"}"#, 1024),
+            vec![object(r#"{"a":"\"}\\"}"#)]
+        );
     }
 
     #[test]
@@ -212,7 +222,13 @@ mod tests {
                 found.push(frame);
             }
         }
-        assert_eq!(found, vec![object(r#"{"type":"ping"}"#), object(r#"{"type":"status","task_id":"x"}"#)]);
+        assert_eq!(
+            found,
+            vec![
+                object(r#"{"type":"ping"}"#),
+                object(r#"{"type":"status","task_id":"x"}"#)
+            ]
+        );
     }
 
     #[test]
@@ -225,7 +241,10 @@ mod tests {
     #[test]
     fn an_unclosed_object_does_not_swallow_the_next() {
         let found = frames(b"{\"a\":1\n{\"type\":\"ping\"}\n", 1024);
-        assert_eq!(found, vec![object("{\"a\":1\n"), object(r#"{"type":"ping"}"#)]);
+        assert_eq!(
+            found,
+            vec![object("{\"a\":1\n"), object(r#"{"type":"ping"}"#)]
+        );
     }
 
     #[test]
@@ -233,7 +252,10 @@ mod tests {
         let mut input = b"{\"a\":\"".to_vec();
         input.extend(std::iter::repeat_n(b'x', 100));
         input.extend_from_slice(b"\"}\n{\"b\":1}");
-        assert_eq!(frames(&input, 50), vec![Frame::TooLarge, object(r#"{"b":1}"#)]);
+        assert_eq!(
+            frames(&input, 50),
+            vec![Frame::TooLarge, object(r#"{"b":1}"#)]
+        );
     }
 
     #[test]
@@ -274,7 +296,10 @@ mod fuzz {
                 }
                 frames.push(frame);
             }
-            assert!(framer.pending_len() <= max_len + size, "held bytes stay bounded");
+            assert!(
+                framer.pending_len() <= max_len + size,
+                "held bytes stay bounded"
+            );
         }
         frames
     }

@@ -36,7 +36,10 @@ pub struct Handled {
 
 impl Handled {
     fn one(reply: Reply) -> Handled {
-        Handled { replies: vec![reply], subscribed: None }
+        Handled {
+            replies: vec![reply],
+            subscribed: None,
+        }
     }
 }
 
@@ -53,15 +56,25 @@ impl Shared {
                 PayloadError::UnknownTaskType(_) => ErrorCode::UnknownTaskType,
                 PayloadError::Invalid { .. } => ErrorCode::InvalidPayload,
             };
-            RequestError { code, message: err.to_string(), task_id: Some(task_id.to_string()) }
+            RequestError {
+                code,
+                message: err.to_string(),
+                task_id: Some(task_id.to_string()),
+            }
         };
-        let (task_type, payload) = builtin::normalize(request.task_type, request.payload).map_err(refuse)?;
+        let (task_type, payload) =
+            builtin::normalize(request.task_type, request.payload).map_err(refuse)?;
         if builtin::is_builtin(&task_type) {
             builtin::validate(&task_type, &payload).map_err(refuse)?;
         } else if !self.extra_task_types.contains(&task_type) {
             return Err(refuse(PayloadError::UnknownTaskType(task_type)));
         }
-        Ok(TaskMessage { task_id, task_type, payload, notify: request.notify.unwrap_or(true) })
+        Ok(TaskMessage {
+            task_id,
+            task_type,
+            payload,
+            notify: request.notify.unwrap_or(true),
+        })
     }
 
     /// Queues a prepared task and returns the ack, or `unavailable`.
@@ -71,7 +84,12 @@ impl Shared {
     /// alone, and a queued one is published again (its first publish may
     /// never have been confirmed; the worker's writes make a duplicate
     /// message harmless).
-    pub async fn submit(&self, task: TaskMessage, connection: ConnectionId, results: &ResultSender) -> Handled {
+    pub async fn submit(
+        &self,
+        task: TaskMessage,
+        connection: ConnectionId,
+        results: &ResultSender,
+    ) -> Handled {
         let task_id = task.task_id.clone();
         let unavailable = |what: String| {
             Handled::one(Reply::error(
@@ -80,7 +98,10 @@ impl Shared {
                 Some(task_id.to_string()),
             ))
         };
-        let ack = Reply::Ack { task_id: task_id.clone(), status: TaskState::Queued };
+        let ack = Reply::Ack {
+            task_id: task_id.clone(),
+            status: TaskState::Queued,
+        };
         if task.notify {
             self.router.subscribe(&task_id, connection, results);
         }
@@ -96,7 +117,10 @@ impl Shared {
                 if task.notify {
                     replies.push(Reply::Result(report_from_record(&task_id, record)));
                 }
-                return Handled { replies, subscribed: None };
+                return Handled {
+                    replies,
+                    subscribed: None,
+                };
             }
             Ok(Submission::Existing(record)) => record.state == TaskState::Queued,
             Err(err) => {
@@ -114,7 +138,10 @@ impl Shared {
                 return unavailable(format!("broker unavailable ({err})"));
             }
         }
-        Handled { replies: vec![ack], subscribed: task.notify.then_some(task_id) }
+        Handled {
+            replies: vec![ack],
+            subscribed: task.notify.then_some(task_id),
+        }
     }
 
     /// Answers `{"type":"status"}`.
@@ -129,10 +156,19 @@ impl Shared {
                 result: record.result,
                 error: record.error,
             },
-            Ok(None) => Reply::Status { task_id: raw_task_id, state: StatusState::Unknown, result: None, error: None },
+            Ok(None) => Reply::Status {
+                task_id: raw_task_id,
+                state: StatusState::Unknown,
+                result: None,
+                error: None,
+            },
             Err(err) => {
                 POSTGRES.failed(&err);
-                Reply::error(ErrorCode::Unavailable, format!("database unavailable ({err}); retry later"), Some(raw_task_id))
+                Reply::error(
+                    ErrorCode::Unavailable,
+                    format!("database unavailable ({err}); retry later"),
+                    Some(raw_task_id),
+                )
             }
         }
     }

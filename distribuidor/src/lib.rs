@@ -54,7 +54,12 @@ impl Distribuidor {
         let (migrated_tx, migrated) = watch::channel(false);
         let migrating = db.clone();
         tokio::spawn(async move {
-            let done = tareas_common::backoff::retry_until_ok(&tareas_common::backoff::POSTGRES, &shutdown, || migrating.migrate()).await;
+            let done = tareas_common::backoff::retry_until_ok(
+                &tareas_common::backoff::POSTGRES,
+                &shutdown,
+                || migrating.migrate(),
+            )
+            .await;
             if done.is_some() {
                 migrated_tx.send_replace(true);
             }
@@ -63,9 +68,17 @@ impl Distribuidor {
             db,
             broker,
             router,
-            extra_task_types: config.extra_task_types.iter().cloned().collect::<HashSet<_>>(),
+            extra_task_types: config
+                .extra_task_types
+                .iter()
+                .cloned()
+                .collect::<HashSet<_>>(),
         });
-        Ok(Distribuidor { shared, config, migrated })
+        Ok(Distribuidor {
+            shared,
+            config,
+            migrated,
+        })
     }
 
     /// Waits until RabbitMQ is connected and the schema is in place.

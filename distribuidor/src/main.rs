@@ -25,7 +25,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let shutdown = tareas_common::shutdown::on_signal();
     let listener = tokio::net::TcpListener::bind(config.addr)
         .await
-        .with_context(|| format!("cannot listen on {} (DISTRIBUIDOR_ADDR); is another distribuidor running?", config.addr))?;
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (DISTRIBUIDOR_ADDR); is another distribuidor running?",
+                config.addr
+            )
+        })?;
     tracing::info!(addr = %listener.local_addr()?, queue = %config.broker.queue, "distribuidor listening");
     let distribuidor = Distribuidor::start(config, shutdown.clone())?;
     distribuidor.serve(listener, shutdown).await;

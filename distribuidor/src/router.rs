@@ -51,7 +51,9 @@ impl Router {
 
     /// Hands `report` to every subscriber of its task; returns how many got it.
     pub fn deliver(&self, report: TaskReport) -> usize {
-        let Some(entry) = self.lock().remove(&report.task_id) else { return 0 };
+        let Some(entry) = self.lock().remove(&report.task_id) else {
+            return 0;
+        };
         let mut delivered = 0;
         for (connection, sender) in entry {
             match sender.try_send(report.clone()) {
@@ -74,9 +76,13 @@ impl Router {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TaskId, Vec<(ConnectionId, ResultSender)>>> {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<TaskId, Vec<(ConnectionId, ResultSender)>>> {
         // A panic while holding this lock cannot leave the map inconsistent.
-        self.subscribers.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.subscribers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 

@@ -19,7 +19,12 @@ use crate::connection;
 use crate::intake::Shared;
 
 /// Accepts clients on `listener` until `shutdown` fires, then drains.
-pub async fn run(listener: TcpListener, shared: Arc<Shared>, limits: Limits, shutdown: CancellationToken) {
+pub async fn run(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    limits: Limits,
+    shutdown: CancellationToken,
+) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let tracker = TaskTracker::new();
     let next_id = AtomicU64::new(1);
@@ -61,7 +66,10 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>, limits: Limits, shu
     tracker.close();
     let limit = Duration::from_secs(limits.shutdown_timeout_secs);
     if tokio::time::timeout(limit, tracker.wait()).await.is_err() {
-        tracing::warn!(connections = tracker.len(), "connections still open after the shutdown limit; closing them");
+        tracing::warn!(
+            connections = tracker.len(),
+            "connections still open after the shutdown limit; closing them"
+        );
     }
 }
 

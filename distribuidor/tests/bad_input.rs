@@ -15,38 +15,79 @@ fn code(reply: &Reply) -> ErrorCode {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_bad_request_gets_its_error_and_the_connection_goes_on() {
     let mut deployment = Deployment::new().await;
-    let distribuidor = deployment.start_distribuidor(deployment.distribuidor_config()).await;
+    let distribuidor = deployment
+        .start_distribuidor(deployment.distribuidor_config())
+        .await;
     let mut client = distribuidor.client().await;
     let cases: Vec<(&[u8], ErrorCode)> = vec![
         (b"this is not json\n", ErrorCode::InvalidJson),
-        (b"{\"type\": \"task\", \"payload\": }\n", ErrorCode::InvalidJson),
+        (
+            b"{\"type\": \"task\", \"payload\": }\n",
+            ErrorCode::InvalidJson,
+        ),
         (b"[1, 2, 3]\n", ErrorCode::InvalidJson),
         (br#"{"task_type":"hash"}"#, ErrorCode::InvalidRequest),
         (br#"{"type":"launch"}"#, ErrorCode::InvalidRequest),
-        (br#"{"type":"task","task_id":"has spaces","task_type":"hash","payload":{"text":"x"}}"#, ErrorCode::InvalidRequest),
-        (br#"{"type":"task","task_type":"hash","payload":{"text":"x"},"notify":"yes"}"#, ErrorCode::InvalidRequest),
-        (br#"{"type":"status","task_id":"bad id!"}"#, ErrorCode::InvalidRequest),
-        (br#"{"type":"task","task_type":"mine","payload":{}}"#, ErrorCode::UnknownTaskType),
-        (br#"{"type":"task","task_type":"fibonacci","payload":{"n":5000}}"#, ErrorCode::InvalidPayload),
-        (br#"{"type":"task","task_type":"hash","payload":{"text":42}}"#, ErrorCode::InvalidPayload),
-        (br#"{"type":"task","payload":{"text":"no type"}}"#, ErrorCode::InvalidPayload),
+        (
+            br#"{"type":"task","task_id":"has spaces","task_type":"hash","payload":{"text":"x"}}"#,
+            ErrorCode::InvalidRequest,
+        ),
+        (
+            br#"{"type":"task","task_type":"hash","payload":{"text":"x"},"notify":"yes"}"#,
+            ErrorCode::InvalidRequest,
+        ),
+        (
+            br#"{"type":"status","task_id":"bad id!"}"#,
+            ErrorCode::InvalidRequest,
+        ),
+        (
+            br#"{"type":"task","task_type":"mine","payload":{}}"#,
+            ErrorCode::UnknownTaskType,
+        ),
+        (
+            br#"{"type":"task","task_type":"fibonacci","payload":{"n":5000}}"#,
+            ErrorCode::InvalidPayload,
+        ),
+        (
+            br#"{"type":"task","task_type":"hash","payload":{"text":42}}"#,
+            ErrorCode::InvalidPayload,
+        ),
+        (
+            br#"{"type":"task","payload":{"text":"no type"}}"#,
+            ErrorCode::InvalidPayload,
+        ),
     ];
     for (input, expected) in cases {
         client.send_raw(input).await.unwrap();
         let reply = next(&mut client).await;
-        assert_eq!(code(&reply), expected, "for {}", String::from_utf8_lossy(input));
+        assert_eq!(
+            code(&reply),
+            expected,
+            "for {}",
+            String::from_utf8_lossy(input)
+        );
         if let Reply::Error(error) = &reply {
             assert!(!error.message.is_empty());
         }
         client.send(&Request::Ping).await.unwrap();
-        assert_eq!(next(&mut client).await, Reply::Pong, "usable after {}", String::from_utf8_lossy(input));
+        assert_eq!(
+            next(&mut client).await,
+            Reply::Pong,
+            "usable after {}",
+            String::from_utf8_lossy(input)
+        );
     }
     // A refused task carries its task_id.
     client
-        .send(&Request::Task(TaskRequest { task_id: Some("mine-1".into()), ..task("mine", json!({})) }))
+        .send(&Request::Task(TaskRequest {
+            task_id: Some("mine-1".into()),
+            ..task("mine", json!({}))
+        }))
         .await
         .unwrap();
-    let Reply::Error(error) = next(&mut client).await else { panic!("expected an error") };
+    let Reply::Error(error) = next(&mut client).await else {
+        panic!("expected an error")
+    };
     assert_eq!(error.task_id.as_deref(), Some("mine-1"));
     deployment.stop().await;
 }
@@ -59,11 +100,20 @@ async fn too_large_closes_only_that_connection() {
     let distribuidor = deployment.start_distribuidor(config).await;
     let mut bystander = distribuidor.client().await;
     let mut client = distribuidor.client().await;
-    let big = serde_json::to_vec(&Request::Task(task("echo", json!({"text": "x".repeat(10_000)})))).unwrap();
+    let big = serde_json::to_vec(&Request::Task(task(
+        "echo",
+        json!({"text": "x".repeat(10_000)}),
+    )))
+    .unwrap();
     client.send_raw(&big).await.unwrap();
     assert_eq!(code(&next(&mut client).await), ErrorCode::TooLarge);
-    let closed = tokio::time::timeout(LIMIT, client.recv()).await.expect("closed in time");
-    assert!(matches!(closed, Ok(None) | Err(_)), "connection closed after too_large");
+    let closed = tokio::time::timeout(LIMIT, client.recv())
+        .await
+        .expect("closed in time");
+    assert!(
+        matches!(closed, Ok(None) | Err(_)),
+        "connection closed after too_large"
+    );
     bystander.send(&Request::Ping).await.unwrap();
     assert_eq!(next(&mut bystander).await, Reply::Pong);
     deployment.stop().await;
@@ -72,15 +122,23 @@ async fn too_large_closes_only_that_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_from_one_client_does_not_disturb_another() {
     let mut deployment = Deployment::new().await;
-    let distribuidor = deployment.start_distribuidor(deployment.distribuidor_config()).await;
+    let distribuidor = deployment
+        .start_distribuidor(deployment.distribuidor_config())
+        .await;
     let mut noisy = distribuidor.client().await;
     let mut quiet = distribuidor.client().await;
     // An unterminated object: the distribuidor waits for its end...
-    noisy.send_raw(b"{\"type\":\"task\",\"payload\":\"").await.unwrap();
+    noisy
+        .send_raw(b"{\"type\":\"task\",\"payload\":\"")
+        .await
+        .unwrap();
     // ...while other clients are served as usual.
     quiet.send(&Request::Ping).await.unwrap();
     assert_eq!(next(&mut quiet).await, Reply::Pong);
-    noisy.send_raw(&[0xff, 0xfe, b'"', b'}', b'\n']).await.unwrap();
+    noisy
+        .send_raw(&[0xff, 0xfe, b'"', b'}', b'\n'])
+        .await
+        .unwrap();
     assert_eq!(code(&next(&mut noisy).await), ErrorCode::InvalidJson);
     deployment.stop().await;
 }
@@ -92,7 +150,10 @@ async fn broker_down_means_unavailable_never_a_false_ack() {
     config.broker.amqp_url = "amqp://guest:guest@127.0.0.1:1/%2f".into();
     let distribuidor = deployment.start_distribuidor_unready(config).await;
     let mut client = distribuidor.client().await;
-    let request = TaskRequest { task_id: Some(format!("nobroker-{}", uuid::Uuid::new_v4())), ..task("hash", json!({"text": "x"})) };
+    let request = TaskRequest {
+        task_id: Some(format!("nobroker-{}", uuid::Uuid::new_v4())),
+        ..task("hash", json!({"text": "x"}))
+    };
     client.send(&Request::Task(request.clone())).await.unwrap();
     let reply = next(&mut client).await;
     assert_eq!(code(&reply), ErrorCode::Unavailable, "{reply:?}");
@@ -106,9 +167,17 @@ async fn database_down_means_unavailable() {
     config.database.database_url = "postgres://postgres@127.0.0.1:1/tareas".into();
     let distribuidor = deployment.start_distribuidor_unready(config).await;
     let mut client = distribuidor.client().await;
-    client.send(&Request::Task(task("hash", json!({"text": "x"})))).await.unwrap();
+    client
+        .send(&Request::Task(task("hash", json!({"text": "x"}))))
+        .await
+        .unwrap();
     assert_eq!(code(&next(&mut client).await), ErrorCode::Unavailable);
-    client.send(&Request::Status { task_id: "x".into() }).await.unwrap();
+    client
+        .send(&Request::Status {
+            task_id: "x".into(),
+        })
+        .await
+        .unwrap();
     assert_eq!(code(&next(&mut client).await), ErrorCode::Unavailable);
     deployment.stop().await;
 }

@@ -20,11 +20,17 @@ use crate::util::{self, next, task, Deployment, LIMIT};
 /// The environment variable names of one service in docker-compose.yml,
 /// including those merged in from the `x-tareas-env` anchor.
 fn compose_environment(service: &str) -> BTreeSet<String> {
-    let compose = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docker-compose.yml"))
-        .expect("read docker-compose.yml");
+    let compose = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docker-compose.yml"
+    ))
+    .expect("read docker-compose.yml");
     let keys_under = |header: &str, indent: usize| -> BTreeSet<String> {
         let mut keys = BTreeSet::new();
-        let mut lines = compose.lines().skip_while(|line| !line.starts_with(header)).skip(1);
+        let mut lines = compose
+            .lines()
+            .skip_while(|line| !line.starts_with(header))
+            .skip(1);
         for line in lines.by_ref() {
             let depth = line.len() - line.trim_start().len();
             if line.trim().is_empty() || line.trim_start().starts_with('#') {
@@ -65,7 +71,10 @@ fn compose_environment(service: &str) -> BTreeSet<String> {
             in_environment = false;
         }
     }
-    assert!(!keys.is_empty(), "no environment found for {service} in docker-compose.yml");
+    assert!(
+        !keys.is_empty(),
+        "no environment found for {service} in docker-compose.yml"
+    );
     keys
 }
 
@@ -85,32 +94,55 @@ fn local_values(queue: &str, addr: &str) -> BTreeMap<&'static str, String> {
         ("AWS_SECRET_ACCESS_KEY", worker.s3.aws_secret_access_key),
         ("AWS_REGION", worker.s3.aws_region),
         ("WORKER_CONCURRENCY", "2".to_owned()),
-        ("TAREAS_MAX_CONNECTIONS", distribuidor.limits.max_connections.to_string()),
+        (
+            "TAREAS_MAX_CONNECTIONS",
+            distribuidor.limits.max_connections.to_string(),
+        ),
     ])
 }
 
 fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe.parent().and_then(|deps| deps.parent()).expect("target dir");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir");
     let path = dir.join(name);
-    assert!(path.exists(), "{} is missing: build it with `cargo build --workspace --bins` (scripts/test does)", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build --workspace --bins` (scripts/test does)",
+        path.display()
+    );
     path
 }
 
-fn spawn(service: &str, name: &str, values: &BTreeMap<&'static str, String>, extra: &[(&str, String)]) -> Child {
+fn spawn(
+    service: &str,
+    name: &str,
+    values: &BTreeMap<&'static str, String>,
+    extra: &[(&str, String)],
+) -> Child {
     let mut command = Command::new(binary(service));
-    command.env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default());
+    command
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default());
     for key in compose_environment(service) {
-        let value = values
-            .get(key.as_str())
-            .unwrap_or_else(|| panic!("docker-compose.yml gives {service} {key}, which this test does not map"));
+        let value = values.get(key.as_str()).unwrap_or_else(|| {
+            panic!("docker-compose.yml gives {service} {key}, which this test does not map")
+        });
         command.env(&key, value);
     }
     for (key, value) in extra {
         command.env(key, value);
     }
-    command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit()).kill_on_drop(true);
-    command.spawn().unwrap_or_else(|err| panic!("cannot start {name}: {err}"))
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    command
+        .spawn()
+        .unwrap_or_else(|err| panic!("cannot start {name}: {err}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -126,7 +158,15 @@ async fn compose_environment_runs_three_workers_and_survives_stopping_one() {
     let mut workers: Vec<Child> = (1..=3)
         .map(|i| {
             let file = health.join(format!("{}-worker-{i}.health", deployment.queue));
-            spawn("worker", "worker", &values, &[("WORKER_ID", format!("worker-{i}")), ("WORKER_HEALTH_FILE", file.display().to_string())])
+            spawn(
+                "worker",
+                "worker",
+                &values,
+                &[
+                    ("WORKER_ID", format!("worker-{i}")),
+                    ("WORKER_HEALTH_FILE", file.display().to_string()),
+                ],
+            )
         })
         .collect();
 
@@ -134,19 +174,28 @@ async fn compose_environment_runs_three_workers_and_survives_stopping_one() {
     let deadline = tokio::time::Instant::now() + LIMIT;
     let mut client = loop {
         if let Ok(mut client) = cliente::Client::connect(&addr).await {
-            client.send(&Request::Task(task("echo", json!({"text": "ready?"})))).await.expect("send");
+            client
+                .send(&Request::Task(task("echo", json!({"text": "ready?"}))))
+                .await
+                .expect("send");
             if let Ok(Reply::Ack { .. }) = client.recv_within(LIMIT).await {
                 next(&mut client).await; // its result
                 break client;
             }
         }
-        assert!(tokio::time::Instant::now() < deadline, "the distribuidor never became ready");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the distribuidor never became ready"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     };
 
     let total = 90;
     for _ in 0..total {
-        client.send(&Request::Task(task("sleep", json!({"ms": 60})))).await.expect("send");
+        client
+            .send(&Request::Task(task("sleep", json!({"ms": 60}))))
+            .await
+            .expect("send");
     }
     let mut acked = HashSet::new();
     let mut results = Vec::new();
@@ -165,24 +214,45 @@ async fn compose_environment_runs_three_workers_and_survives_stopping_one() {
         if !stopped && results.len() == 15 {
             // `docker compose stop` of one worker: SIGTERM, then the drain.
             let pid = workers[0].id().expect("worker-1 pid");
-            let status = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().expect("kill");
+            let status = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .expect("kill");
             assert!(status.success());
             stopped = true;
         }
     }
-    let exit = tokio::time::timeout(LIMIT, workers[0].wait()).await.expect("worker-1 drained in time").expect("wait");
-    assert!(exit.success(), "worker-1 exits cleanly after SIGTERM: {exit}");
+    let exit = tokio::time::timeout(LIMIT, workers[0].wait())
+        .await
+        .expect("worker-1 drained in time")
+        .expect("wait");
+    assert!(
+        exit.success(),
+        "worker-1 exits cleanly after SIGTERM: {exit}"
+    );
 
     let by_worker: BTreeSet<String> = results.iter().filter_map(|r| r.worker_id.clone()).collect();
     assert_eq!(
         by_worker,
-        BTreeSet::from(["worker-1".to_owned(), "worker-2".to_owned(), "worker-3".to_owned()]),
+        BTreeSet::from([
+            "worker-1".to_owned(),
+            "worker-2".to_owned(),
+            "worker-3".to_owned()
+        ]),
         "work spread over all three workers"
     );
     let db = util::db();
     for task_id in &acked {
-        let row = db.status(task_id).await.expect("db").expect("every acked task has a row");
-        assert_eq!(row.state, TaskState::Succeeded, "acked task {task_id} was not lost");
+        let row = db
+            .status(task_id)
+            .await
+            .expect("db")
+            .expect("every acked task has a row");
+        assert_eq!(
+            row.state,
+            TaskState::Succeeded,
+            "acked task {task_id} was not lost"
+        );
     }
     for worker in &mut workers[1..] {
         let _ = worker.start_kill();

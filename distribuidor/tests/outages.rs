@@ -21,8 +21,15 @@ use crate::util::{drain_queue, next, submit_ok, task, Deployment, RunningDistrib
 
 /// Runs a command to completion; panics with its output if it fails.
 fn run(program: &str, args: &[&str]) {
-    let output = Command::new(program).args(args).output().unwrap_or_else(|err| panic!("cannot run {program}: {err}"));
-    assert!(output.status.success(), "{program} {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|err| panic!("cannot run {program}: {err}"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 fn repo_root() -> PathBuf {
@@ -55,19 +62,46 @@ fn postgres_version() -> String {
 }
 
 fn postgres_stop() -> Restore {
-    run("pg_ctlcluster", &["--skip-systemctl-redirect", &postgres_version(), "main", "stop", "-m", "fast"]);
-    Restore(|| run("pg_ctlcluster", &["--skip-systemctl-redirect", &postgres_version(), "main", "start"]))
+    run(
+        "pg_ctlcluster",
+        &[
+            "--skip-systemctl-redirect",
+            &postgres_version(),
+            "main",
+            "stop",
+            "-m",
+            "fast",
+        ],
+    );
+    Restore(|| {
+        run(
+            "pg_ctlcluster",
+            &[
+                "--skip-systemctl-redirect",
+                &postgres_version(),
+                "main",
+                "start",
+            ],
+        )
+    })
 }
 
 fn s3_stop() -> Restore {
     // The S3 server that scripts/services started; it starts it again.
-    let _ = Command::new("pkill").args(["-f", "s3s-fs --host 127.0.0.1"]).status();
+    let _ = Command::new("pkill")
+        .args(["-f", "s3s-fs --host 127.0.0.1"])
+        .status();
     let deadline = std::time::Instant::now() + LIMIT;
     while std::net::TcpStream::connect("127.0.0.1:9000").is_ok() {
         assert!(std::time::Instant::now() < deadline, "s3s-fs did not stop");
         std::thread::sleep(Duration::from_millis(50));
     }
-    Restore(|| run(&repo_root().join("scripts/services").display().to_string(), &[]))
+    Restore(|| {
+        run(
+            &repo_root().join("scripts/services").display().to_string(),
+            &[],
+        )
+    })
 }
 
 /// Submits until a task is acked (the system recovered), returning its id.
@@ -75,13 +109,19 @@ async fn submit_until_acked(distribuidor: &RunningDistribuidor, request: TaskReq
     let deadline = tokio::time::Instant::now() + LIMIT * 2;
     loop {
         let mut client = distribuidor.client().await;
-        client.send(&Request::Task(request.clone())).await.expect("send");
+        client
+            .send(&Request::Task(request.clone()))
+            .await
+            .expect("send");
         match next(&mut client).await {
             Reply::Ack { task_id, .. } => return task_id.to_string(),
             Reply::Error(error) if error.code == ErrorCode::Unavailable => {}
             other => panic!("unexpected {other:?}"),
         }
-        assert!(tokio::time::Instant::now() < deadline, "the system never recovered");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the system never recovered"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -98,21 +138,34 @@ async fn assert_all_stored(ids: &BTreeSet<String>, expected: TaskState) {
                 if row.state.is_terminal() {
                     assert_eq!(row.state, expected, "task {id}");
                     let stored = db.document(id).await.unwrap().unwrap();
-                    assert_eq!(&stored, document, "S3 holds exactly the PostgreSQL row of {id}");
+                    assert_eq!(
+                        &stored, document,
+                        "S3 holds exactly the PostgreSQL row of {id}"
+                    );
                     break;
                 }
             }
-            assert!(tokio::time::Instant::now() < deadline, "task {id} never finished: {row:?}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "task {id} never finished: {row:?}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 }
 
-async fn submit_batch(distribuidor: &RunningDistribuidor, count: usize, ms: u64) -> BTreeSet<String> {
+async fn submit_batch(
+    distribuidor: &RunningDistribuidor,
+    count: usize,
+    ms: u64,
+) -> BTreeSet<String> {
     let mut client = distribuidor.client().await;
     let mut ids = BTreeSet::new();
     for _ in 0..count {
-        let request = TaskRequest { notify: Some(false), ..task("sleep", json!({"ms": ms})) };
+        let request = TaskRequest {
+            notify: Some(false),
+            ..task("sleep", json!({"ms": ms}))
+        };
         ids.insert(submit_ok(&mut client, request).await);
     }
     ids
@@ -122,12 +175,18 @@ async fn expect_unavailable(distribuidor: &RunningDistribuidor) {
     let mut client = distribuidor.client().await;
     let deadline = tokio::time::Instant::now() + LIMIT;
     loop {
-        client.send(&Request::Task(task("hash", json!({"text": "down"})))).await.expect("send");
+        client
+            .send(&Request::Task(task("hash", json!({"text": "down"}))))
+            .await
+            .expect("send");
         match next(&mut client).await {
             Reply::Error(error) if error.code == ErrorCode::Unavailable => return,
             Reply::Ack { .. } => {
                 // Only possible in the instant before the outage was noticed.
-                assert!(tokio::time::Instant::now() < deadline, "acks kept coming while the dependency was down");
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "acks kept coming while the dependency was down"
+                );
             }
             other => panic!("unexpected {other:?}"),
         }
@@ -138,7 +197,9 @@ async fn expect_unavailable(distribuidor: &RunningDistribuidor) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_restart_loses_no_acked_task() {
     let mut deployment = Deployment::new().await;
-    let distribuidor = deployment.start_distribuidor(deployment.distribuidor_config()).await;
+    let distribuidor = deployment
+        .start_distribuidor(deployment.distribuidor_config())
+        .await;
     deployment.start_worker(deployment.worker_config("w-rmq", 2));
     let mut ids = submit_batch(&distribuidor, 30, 100).await;
     {
@@ -153,7 +214,9 @@ async fn rabbitmq_restart_loses_no_acked_task() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restart_loses_no_acked_task() {
     let mut deployment = Deployment::new().await;
-    let distribuidor = deployment.start_distribuidor(deployment.distribuidor_config()).await;
+    let distribuidor = deployment
+        .start_distribuidor(deployment.distribuidor_config())
+        .await;
     deployment.start_worker(deployment.worker_config("w-pg", 2));
     let mut ids = submit_batch(&distribuidor, 30, 100).await;
     {
@@ -168,7 +231,9 @@ async fn postgres_restart_loses_no_acked_task() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_restart_holds_results_until_it_is_back() {
     let mut deployment = Deployment::new().await;
-    let distribuidor = deployment.start_distribuidor(deployment.distribuidor_config()).await;
+    let distribuidor = deployment
+        .start_distribuidor(deployment.distribuidor_config())
+        .await;
     deployment.start_worker(deployment.worker_config("w-s3", 2));
     // The worker is consuming (it checked the bucket at start-up).
     let warmup = submit_batch(&distribuidor, 1, 1).await;
@@ -182,7 +247,12 @@ async fn s3_restart_holds_results_until_it_is_back() {
         let finished = || async {
             let mut finished = 0;
             for id in &ids {
-                if db.status(id).await.unwrap().is_some_and(|row| row.state.is_terminal()) {
+                if db
+                    .status(id)
+                    .await
+                    .unwrap()
+                    .is_some_and(|row| row.state.is_terminal())
+                {
                     finished += 1;
                 }
             }
@@ -190,13 +260,20 @@ async fn s3_restart_holds_results_until_it_is_back() {
         };
         let deadline = tokio::time::Instant::now() + LIMIT;
         while finished().await < 2 {
-            assert!(tokio::time::Instant::now() < deadline, "the tasks never ran");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the tasks never ran"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         // The two prefetched tasks ran, but cannot be acked without S3, so
         // the worker takes no more: watch for a while that none does.
         for _ in 0..20 {
-            assert_eq!(finished().await, 2, "the worker took new work while its results could not be stored");
+            assert_eq!(
+                finished().await,
+                2,
+                "the worker took new work while its results could not be stored"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -204,11 +281,23 @@ async fn s3_restart_holds_results_until_it_is_back() {
     deployment.stop().await;
 }
 
-fn spawn_worker(binary: &str, deployment: &Deployment, worker_id: &str, env: &[(&str, &str)]) -> Child {
+fn spawn_worker(
+    binary: &str,
+    deployment: &Deployment,
+    worker_id: &str,
+    env: &[(&str, &str)],
+) -> Child {
     let exe = std::env::current_exe().expect("test binary");
-    let dir = exe.parent().and_then(|deps| deps.parent()).expect("target dir");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir");
     let path = dir.join(binary);
-    assert!(path.exists(), "{} is missing: build it with `cargo build --workspace --bins --examples`", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build --workspace --bins --examples`",
+        path.display()
+    );
     let health = std::env::temp_dir().join(format!("{}-{worker_id}.health", deployment.queue));
     let mut command = tokio::process::Command::new(path);
     command
@@ -225,24 +314,44 @@ fn spawn_worker(binary: &str, deployment: &Deployment, worker_id: &str, env: &[(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_task_loses_nothing() {
     let mut deployment = Deployment::new().await;
-    let distribuidor = deployment.start_distribuidor(deployment.distribuidor_config()).await;
-    let mut doomed = spawn_worker("worker", &deployment, "doomed", &[("WORKER_CONCURRENCY", "4")]);
+    let distribuidor = deployment
+        .start_distribuidor(deployment.distribuidor_config())
+        .await;
+    let mut doomed = spawn_worker(
+        "worker",
+        &deployment,
+        "doomed",
+        &[("WORKER_CONCURRENCY", "4")],
+    );
     let ids = submit_batch(&distribuidor, 12, 400).await;
     // Wait until the doomed worker is in the middle of tasks, then SIGKILL it.
     let db = util::db();
     let deadline = tokio::time::Instant::now() + LIMIT;
     'running: loop {
         for id in &ids {
-            if db.status(id).await.unwrap().is_some_and(|row| row.state == TaskState::Running) {
+            if db
+                .status(id)
+                .await
+                .unwrap()
+                .is_some_and(|row| row.state == TaskState::Running)
+            {
                 break 'running;
             }
         }
-        assert!(tokio::time::Instant::now() < deadline, "the doomed worker never started a task");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the doomed worker never started a task"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     doomed.start_kill().expect("SIGKILL");
     doomed.wait().await.expect("reaped");
-    let _survivor = spawn_worker("worker", &deployment, "survivor", &[("WORKER_CONCURRENCY", "4")]);
+    let _survivor = spawn_worker(
+        "worker",
+        &deployment,
+        "survivor",
+        &[("WORKER_CONCURRENCY", "4")],
+    );
     assert_all_stored(&ids, TaskState::Succeeded).await;
     let mut rerun = 0;
     for id in &ids {
@@ -263,7 +372,14 @@ async fn a_task_that_keeps_crashing_its_worker_ends_failed_in_the_dead_letter_qu
     config.extra_task_types = vec!["crash".into()];
     let distribuidor = deployment.start_distribuidor(config).await;
     let mut client = distribuidor.client().await;
-    let poison = submit_ok(&mut client, TaskRequest { notify: Some(false), ..task("crash", json!({})) }).await;
+    let poison = submit_ok(
+        &mut client,
+        TaskRequest {
+            notify: Some(false),
+            ..task("crash", json!({}))
+        },
+    )
+    .await;
     let db = util::db();
     let deadline = tokio::time::Instant::now() + LIMIT * 2;
     let mut crashes = 0;
@@ -273,7 +389,12 @@ async fn a_task_that_keeps_crashing_its_worker_ends_failed_in_the_dead_letter_qu
         if row.state.is_terminal() {
             break;
         }
-        let mut worker = spawn_worker("examples/crash_worker", &deployment, "crashy", &[("TAREAS_MAX_ATTEMPTS", "2")]);
+        let mut worker = spawn_worker(
+            "examples/crash_worker",
+            &deployment,
+            "crashy",
+            &[("TAREAS_MAX_ATTEMPTS", "2")],
+        );
         loop {
             tokio::select! {
                 status = worker.wait() => {
@@ -290,16 +411,27 @@ async fn a_task_that_keeps_crashing_its_worker_ends_failed_in_the_dead_letter_qu
                 }
             }
         }
-        assert!(tokio::time::Instant::now() < deadline, "the poison task never stopped");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the poison task never stopped"
+        );
     }
     assert_eq!(crashes, 2, "it crashed its worker once per allowed attempt");
     let row = db.status(&poison).await.unwrap().unwrap();
     assert_eq!(row.state, TaskState::Failed);
-    assert!(row.error.unwrap_or_default().contains("gave up after 2 attempts"));
+    assert!(row
+        .error
+        .unwrap_or_default()
+        .contains("gave up after 2 attempts"));
     let dead = drain_queue(&Topology::new(&deployment.queue).dead_letter_queue()).await;
     let ids: Vec<String> = dead
         .iter()
-        .map(|m| serde_json::from_slice::<TaskMessage>(&m.delivery.data).unwrap().task_id.to_string())
+        .map(|m| {
+            serde_json::from_slice::<TaskMessage>(&m.delivery.data)
+                .unwrap()
+                .task_id
+                .to_string()
+        })
         .collect();
     assert_eq!(ids, vec![poison]);
     deployment.stop().await;

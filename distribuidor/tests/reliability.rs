@@ -30,8 +30,12 @@ fn registry(fail_first: u32) -> Registry {
             }
             Ok(json!({"runs": *run}))
         })
-        .register_blocking("broken", |_| Err(TaskError::transient("the remote service is down")))
-        .register_blocking("refused", |_| Err(TaskError::permanent("this payload can never work")))
+        .register_blocking("broken", |_| {
+            Err(TaskError::transient("the remote service is down"))
+        })
+        .register_blocking("refused", |_| {
+            Err(TaskError::permanent("this payload can never work"))
+        })
         .register_blocking("explodes", |_| panic!("handler bug"));
     registry
 }
@@ -39,7 +43,9 @@ fn registry(fail_first: u32) -> Registry {
 async fn deployment_with_custom_types() -> (Deployment, crate::util::RunningDistribuidor) {
     let mut deployment = Deployment::new().await;
     let mut config = deployment.distribuidor_config();
-    config.extra_task_types = ["flaky", "broken", "refused", "explodes"].map(String::from).to_vec();
+    config.extra_task_types = ["flaky", "broken", "refused", "explodes"]
+        .map(String::from)
+        .to_vec();
     let distribuidor = deployment.start_distribuidor(config).await;
     let mut worker = deployment.worker_config("w-retry", 4);
     worker.max_attempts = 3;
@@ -52,13 +58,21 @@ async fn deployment_with_custom_types() -> (Deployment, crate::util::RunningDist
 async fn transient_failures_are_retried_through_the_broker() {
     let (deployment, distribuidor) = deployment_with_custom_types().await;
     let mut client = distribuidor.client().await;
-    let id = submit_ok(&mut client, task("flaky", json!({"key": uuid::Uuid::new_v4().to_string()}))).await;
+    let id = submit_ok(
+        &mut client,
+        task("flaky", json!({"key": uuid::Uuid::new_v4().to_string()})),
+    )
+    .await;
     let report = next_result(&mut client).await;
     assert_eq!(report.status, TaskState::Succeeded, "{report:?}");
     assert_eq!(report.result, Some(json!({"runs": 3})));
     let document = util::s3_document(&id).await.expect("S3 object");
     assert_eq!(document["attempts"], 3, "two failed attempts, then success");
-    assert!(drain_queue(&Topology::new(&deployment.queue).dead_letter_queue()).await.is_empty());
+    assert!(
+        drain_queue(&Topology::new(&deployment.queue).dead_letter_queue())
+            .await
+            .is_empty()
+    );
     deployment.stop().await;
 }
 
@@ -70,15 +84,26 @@ async fn exhausted_retries_fail_the_task_and_dead_letter_it() {
     let report = next_result(&mut client).await;
     assert_eq!(report.status, TaskState::Failed);
     let error = report.error.unwrap_or_default();
-    assert!(error.contains("failed after 3 attempts") && error.contains("remote service is down"), "{error}");
+    assert!(
+        error.contains("failed after 3 attempts") && error.contains("remote service is down"),
+        "{error}"
+    );
     let row = util::db().status(&broken).await.unwrap().unwrap();
     assert_eq!(row.state, TaskState::Failed);
-    assert_eq!(util::s3_document(&broken).await.expect("S3 object")["error"], json!(error));
+    assert_eq!(
+        util::s3_document(&broken).await.expect("S3 object")["error"],
+        json!(error)
+    );
 
     let dead = drain_queue(&Topology::new(&deployment.queue).dead_letter_queue()).await;
     let ids: Vec<String> = dead
         .iter()
-        .map(|m| serde_json::from_slice::<TaskMessage>(&m.delivery.data).expect("task message").task_id.to_string())
+        .map(|m| {
+            serde_json::from_slice::<TaskMessage>(&m.delivery.data)
+                .expect("task message")
+                .task_id
+                .to_string()
+        })
         .collect();
     assert_eq!(ids, vec![broken], "the message is in the dead-letter queue");
     deployment.stop().await;
@@ -97,11 +122,22 @@ async fn permanent_failures_are_not_retried_and_panics_are_attempts() {
     let explodes = submit_ok(&mut client, task("explodes", json!({}))).await;
     let report = next_result(&mut client).await;
     assert_eq!(report.status, TaskState::Failed);
-    assert!(report.error.unwrap_or_default().contains("panicked: handler bug"));
-    assert_eq!(util::s3_document(&explodes).await.unwrap()["attempts"], 3, "a panic is a failed attempt");
+    assert!(report
+        .error
+        .unwrap_or_default()
+        .contains("panicked: handler bug"));
+    assert_eq!(
+        util::s3_document(&explodes).await.unwrap()["attempts"],
+        3,
+        "a panic is a failed attempt"
+    );
 
     // The worker survived its handler's panics.
-    submit_ok(&mut client, task("flaky", json!({"key": "after-panic", "x": 1}))).await;
+    submit_ok(
+        &mut client,
+        task("flaky", json!({"key": "after-panic", "x": 1})),
+    )
+    .await;
     assert_eq!(next_result(&mut client).await.status, TaskState::Succeeded);
     deployment.stop().await;
 }
@@ -109,15 +145,25 @@ async fn permanent_failures_are_not_retried_and_panics_are_attempts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unroutable_publish_is_unavailable_not_an_ack() {
     let mut deployment = Deployment::new().await;
-    let distribuidor = deployment.start_distribuidor(deployment.distribuidor_config()).await;
+    let distribuidor = deployment
+        .start_distribuidor(deployment.distribuidor_config())
+        .await;
     // The queue vanishes (an operator deletes it): RabbitMQ returns the
     // mandatory message, and the distribuidor must not ack.
     let amqp = tareas_worker::WorkerConfig::defaults().broker.amqp_url;
-    let connection = lapin::Connection::connect(&amqp, lapin::ConnectionProperties::default()).await.unwrap();
+    let connection = lapin::Connection::connect(&amqp, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
     let channel = connection.create_channel().await.unwrap();
-    channel.queue_delete(deployment.queue.as_str().into(), Default::default()).await.unwrap();
+    channel
+        .queue_delete(deployment.queue.as_str().into(), Default::default())
+        .await
+        .unwrap();
     let mut client = distribuidor.client().await;
-    client.send(&Request::Task(task("hash", json!({"text": "x"})))).await.unwrap();
+    client
+        .send(&Request::Task(task("hash", json!({"text": "x"}))))
+        .await
+        .unwrap();
     match next(&mut client).await {
         Reply::Error(error) => {
             assert_eq!(error.code, ErrorCode::Unavailable);
@@ -125,7 +171,10 @@ async fn an_unroutable_publish_is_unavailable_not_an_ack() {
         }
         other => panic!("expected unavailable, got {other:?}"),
     }
-    Topology::new(&deployment.queue).declare(&channel).await.unwrap();
+    Topology::new(&deployment.queue)
+        .declare(&channel)
+        .await
+        .unwrap();
     let _ = connection.close(200, "done".into()).await;
     deployment.stop().await;
 }
@@ -147,7 +196,10 @@ async fn connections_beyond_the_limit_are_refused_clearly() {
         Reply::Error(error) => assert_eq!(error.code, ErrorCode::TooManyConnections),
         other => panic!("expected too_many_connections, got {other:?}"),
     }
-    assert!(matches!(third.recv().await, Ok(None) | Err(_)), "and the connection is closed");
+    assert!(
+        matches!(third.recv().await, Ok(None) | Err(_)),
+        "and the connection is closed"
+    );
     drop(first);
     // A slot frees up once a client leaves.
     let deadline = tokio::time::Instant::now() + LIMIT;
@@ -157,7 +209,10 @@ async fn connections_beyond_the_limit_are_refused_clearly() {
         if let Ok(Reply::Pong) = again.recv_within(LIMIT).await {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "the slot never freed");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slot never freed"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     deployment.stop().await;
@@ -186,30 +241,60 @@ async fn a_waiting_client_is_not_idle() {
     let distribuidor = deployment.start_distribuidor(config).await;
     deployment.start_worker(deployment.worker_config("w-idle", 1));
     let mut client = distribuidor.client().await;
-    let request = TaskRequest { ..task("sleep", json!({"ms": 2500})) };
+    let request = TaskRequest {
+        ..task("sleep", json!({"ms": 2500}))
+    };
     submit_ok(&mut client, request).await;
-    assert_eq!(next_result(&mut client).await.status, TaskState::Succeeded, "kept open while its task ran");
+    assert_eq!(
+        next_result(&mut client).await.status,
+        TaskState::Succeeded,
+        "kept open while its task ran"
+    );
     deployment.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_hands_unfinished_tasks_back_without_counting_them() {
     let mut deployment = Deployment::new().await;
-    let distribuidor = deployment.start_distribuidor(deployment.distribuidor_config()).await;
+    let distribuidor = deployment
+        .start_distribuidor(deployment.distribuidor_config())
+        .await;
     let mut impatient = deployment.worker_config("w-leaving", 1);
     impatient.shutdown_timeout_secs = 0;
     let leaving = deployment.start_worker(impatient);
     let mut client = distribuidor.client().await;
     let id = submit_ok(&mut client, task("sleep", json!({"ms": 2000}))).await;
     let mut observer = distribuidor.client().await;
-    util::wait_for_status(&mut observer, &id, |r| matches!(r, Reply::Status { state: tareas_common::protocol::StatusState::Running, .. })).await;
+    util::wait_for_status(&mut observer, &id, |r| {
+        matches!(
+            r,
+            Reply::Status {
+                state: tareas_common::protocol::StatusState::Running,
+                ..
+            }
+        )
+    })
+    .await;
     leaving.cancel(); // SIGTERM, with no time to finish: the task is handed back
-    util::wait_for_status(&mut observer, &id, |r| matches!(r, Reply::Status { state: tareas_common::protocol::StatusState::Queued, .. })).await;
+    util::wait_for_status(&mut observer, &id, |r| {
+        matches!(
+            r,
+            Reply::Status {
+                state: tareas_common::protocol::StatusState::Queued,
+                ..
+            }
+        )
+    })
+    .await;
     deployment.start_worker(deployment.worker_config("w-staying", 1));
     let report = next_result(&mut client).await;
     assert_eq!(report.status, TaskState::Succeeded);
     assert_eq!(report.worker_id.as_deref(), Some("w-staying"));
-    assert_eq!(util::s3_document(&id).await.unwrap()["attempts"], 1, "the handed-back run does not count");
+    assert_eq!(
+        util::s3_document(&id).await.unwrap()["attempts"],
+        1,
+        "the handed-back run does not count"
+    );
     deployment.stop().await;
 }
 
@@ -233,7 +318,11 @@ async fn an_operator_lists_and_replays_the_dead_letter_queue() {
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].task_id.as_deref(), Some(id.as_str()));
     assert_eq!(listed[0].reason, "rejected");
-    assert_eq!(cliente::dlq::list(&broker).await.expect("list again").len(), 1, "listing leaves them in place");
+    assert_eq!(
+        cliente::dlq::list(&broker).await.expect("list again").len(),
+        1,
+        "listing leaves them in place"
+    );
 
     // The fix is deployed: `broken` works now. Replay it.
     old.cancel();
@@ -241,15 +330,32 @@ async fn an_operator_lists_and_replays_the_dead_letter_queue() {
     fixed.register_blocking("broken", |_| Ok(json!({"fixed": true})));
     deployment.start_worker_with(deployment.worker_config("w-new", 2), fixed);
     let database = tareas_worker::WorkerConfig::defaults().database;
-    let replayed = cliente::dlq::replay(&broker, &database, &cliente::dlq::Selection::One(id.clone())).await.expect("replay");
+    let replayed = cliente::dlq::replay(
+        &broker,
+        &database,
+        &cliente::dlq::Selection::One(id.clone()),
+    )
+    .await
+    .expect("replay");
     assert_eq!(replayed, vec![id.clone()]);
     let mut observer = distribuidor.client().await;
     let done = util::wait_for_status(&mut observer, &id, |r| {
-        matches!(r, Reply::Status { state: tareas_common::protocol::StatusState::Succeeded, .. })
+        matches!(
+            r,
+            Reply::Status {
+                state: tareas_common::protocol::StatusState::Succeeded,
+                ..
+            }
+        )
     })
     .await;
-    let Reply::Status { result, .. } = done else { unreachable!() };
+    let Reply::Status { result, .. } = done else {
+        unreachable!()
+    };
     assert_eq!(result, Some(json!({"fixed": true})));
-    assert!(cliente::dlq::list(&broker).await.expect("list").is_empty(), "replayed tasks leave the dead-letter queue");
+    assert!(
+        cliente::dlq::list(&broker).await.expect("list").is_empty(),
+        "replayed tasks leave the dead-letter queue"
+    );
     deployment.stop().await;
 }

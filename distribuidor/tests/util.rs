@@ -43,7 +43,11 @@ impl Deployment {
     pub async fn new() -> Deployment {
         check_services().await;
         let queue = format!("test-{}", uuid::Uuid::new_v4());
-        Deployment { queue, shutdown: CancellationToken::new(), handles: Vec::new() }
+        Deployment {
+            queue,
+            shutdown: CancellationToken::new(),
+            handles: Vec::new(),
+        }
     }
 
     pub fn distribuidor_config(&self) -> Config {
@@ -64,24 +68,34 @@ impl Deployment {
 
     /// Starts a distribuidor on 127.0.0.1:0 and waits until it is ready.
     pub async fn start_distribuidor(&mut self, config: Config) -> RunningDistribuidor {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local addr");
-        let distribuidor = Distribuidor::start(config, self.shutdown.clone()).expect("distribuidor config");
+        let distribuidor =
+            Distribuidor::start(config, self.shutdown.clone()).expect("distribuidor config");
         tokio::time::timeout(LIMIT, distribuidor.ready())
             .await
-            .unwrap_or_else(|_| panic!("distribuidor not ready within {LIMIT:?}; {START_SERVICES}"));
+            .unwrap_or_else(|_| {
+                panic!("distribuidor not ready within {LIMIT:?}; {START_SERVICES}")
+            });
         let shutdown = self.shutdown.clone();
-        self.handles.push(tokio::spawn(distribuidor.serve(listener, shutdown)));
+        self.handles
+            .push(tokio::spawn(distribuidor.serve(listener, shutdown)));
         RunningDistribuidor { addr }
     }
 
     /// Starts a distribuidor without waiting for its dependencies.
     pub async fn start_distribuidor_unready(&mut self, config: Config) -> RunningDistribuidor {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local addr");
-        let distribuidor = Distribuidor::start(config, self.shutdown.clone()).expect("distribuidor config");
+        let distribuidor =
+            Distribuidor::start(config, self.shutdown.clone()).expect("distribuidor config");
         let shutdown = self.shutdown.clone();
-        self.handles.push(tokio::spawn(distribuidor.serve(listener, shutdown)));
+        self.handles
+            .push(tokio::spawn(distribuidor.serve(listener, shutdown)));
         RunningDistribuidor { addr }
     }
 
@@ -93,7 +107,11 @@ impl Deployment {
     }
 
     /// Starts a worker running the handlers of `registry`.
-    pub fn start_worker_with(&mut self, config: WorkerConfig, registry: tareas_worker::Registry) -> CancellationToken {
+    pub fn start_worker_with(
+        &mut self,
+        config: WorkerConfig,
+        registry: tareas_worker::Registry,
+    ) -> CancellationToken {
         let worker = Worker::new(&config, registry).expect("worker config");
         let stop = self.shutdown.child_token();
         self.handles.push(tokio::spawn(worker.run(stop.clone())));
@@ -112,7 +130,9 @@ impl Deployment {
 
 impl RunningDistribuidor {
     pub async fn client(&self) -> Client {
-        Client::connect(&self.addr.to_string()).await.expect("connect to the distribuidor")
+        Client::connect(&self.addr.to_string())
+            .await
+            .expect("connect to the distribuidor")
     }
 }
 
@@ -132,16 +152,32 @@ async fn check_services() {
 
 async fn delete_queues(queue: &str) {
     let amqp = WorkerConfig::defaults().broker.amqp_url;
-    let Ok(connection) = Connection::connect(&amqp, ConnectionProperties::default()).await else { return };
-    let Ok(channel) = connection.create_channel().await else { return };
+    let Ok(connection) = Connection::connect(&amqp, ConnectionProperties::default()).await else {
+        return;
+    };
+    let Ok(channel) = connection.create_channel().await else {
+        return;
+    };
     let topology = Topology::new(queue);
     let mut names = vec![topology.queue.clone(), topology.dead_letter_queue()];
-    names.extend([25, 50].into_iter().flat_map(|base: u64| (0..8).flat_map(move |level| (4..=8).map(move |step| (base << level) * step / 8))).map(|ms| topology.retry_queue(ms)));
+    names.extend(
+        [25, 50]
+            .into_iter()
+            .flat_map(|base: u64| {
+                (0..8).flat_map(move |level| (4..=8).map(move |step| (base << level) * step / 8))
+            })
+            .map(|ms| topology.retry_queue(ms)),
+    );
     for name in names {
-        let _ = channel.queue_delete(name.as_str().into(), QueueDeleteOptions::default()).await;
+        let _ = channel
+            .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+            .await;
     }
     let _ = channel
-        .exchange_delete(topology.dead_letter_exchange().as_str().into(), Default::default())
+        .exchange_delete(
+            topology.dead_letter_exchange().as_str().into(),
+            Default::default(),
+        )
         .await;
     let _ = connection.close(200, "test done".into()).await;
 }
@@ -157,11 +193,16 @@ pub fn s3() -> S3Store {
 /// The messages waiting in a queue, taken off it (test queues only).
 pub async fn drain_queue(queue: &str) -> Vec<lapin::message::BasicGetMessage> {
     let amqp = WorkerConfig::defaults().broker.amqp_url;
-    let connection = Connection::connect(&amqp, ConnectionProperties::default()).await.expect("RabbitMQ");
+    let connection = Connection::connect(&amqp, ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ");
     let channel = connection.create_channel().await.expect("channel");
     let mut messages = Vec::new();
     while let Some(message) = channel
-        .basic_get(queue.into(), lapin::options::BasicGetOptions { no_ack: true })
+        .basic_get(
+            queue.into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
         .await
         .expect("basic.get")
     {
@@ -173,7 +214,11 @@ pub async fn drain_queue(queue: &str) -> Vec<lapin::message::BasicGetMessage> {
 
 /// A task request.
 pub fn task(task_type: &str, payload: Value) -> TaskRequest {
-    TaskRequest { task_type: Some(task_type.to_owned()), payload: Some(payload), ..TaskRequest::default() }
+    TaskRequest {
+        task_type: Some(task_type.to_owned()),
+        payload: Some(payload),
+        ..TaskRequest::default()
+    }
 }
 
 /// The next reply, or the test fails.
@@ -206,7 +251,10 @@ pub async fn run_all(
         match next(client).await {
             Reply::Ack { task_id, .. } => acked.push(task_id.to_string()),
             Reply::Result(report) => {
-                assert!(acked.contains(&report.task_id.to_string()), "result before its ack: {report:?}");
+                assert!(
+                    acked.contains(&report.task_id.to_string()),
+                    "result before its ack: {report:?}"
+                );
                 let previous = results.insert(report.task_id.to_string(), report);
                 assert!(previous.is_none(), "a second result for {previous:?}");
             }
@@ -232,15 +280,27 @@ pub async fn s3_document(task_id: &str) -> Option<Value> {
 
 /// Polls a task's status until `accept` says yes (the state is written by
 /// another process, so there is nothing to wait on but the row itself).
-pub async fn wait_for_status(client: &mut Client, task_id: &str, accept: impl Fn(&Reply) -> bool) -> Reply {
+pub async fn wait_for_status(
+    client: &mut Client,
+    task_id: &str,
+    accept: impl Fn(&Reply) -> bool,
+) -> Reply {
     let deadline = tokio::time::Instant::now() + LIMIT;
     loop {
-        client.send(&Request::Status { task_id: task_id.to_owned() }).await.expect("send status");
+        client
+            .send(&Request::Status {
+                task_id: task_id.to_owned(),
+            })
+            .await
+            .expect("send status");
         let reply = next(client).await;
         if accept(&reply) {
             return reply;
         }
-        assert!(tokio::time::Instant::now() < deadline, "status never matched; last: {reply:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "status never matched; last: {reply:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -15,6 +15,8 @@ async fn main() -> anyhow::Result<()> {
     let mut registry = Registry::new();
     builtins::register(&mut registry);
     registry.register_blocking("crash", |_| std::process::abort());
-    Worker::new(&config, registry)?.run(tareas_common::shutdown::on_signal()).await;
+    Worker::new(&config, registry)?
+        .run(tareas_common::shutdown::on_signal())
+        .await;
     Ok(())
 }

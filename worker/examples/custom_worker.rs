@@ -24,6 +24,8 @@ async fn main() -> anyhow::Result<()> {
             .ok_or_else(|| TaskError::permanent("word_count needs {\"text\": string}"))?;
         Ok(json!({ "words": text.split_whitespace().count() }))
     });
-    Worker::new(&config, registry)?.run(tareas_common::shutdown::on_signal()).await;
+    Worker::new(&config, registry)?
+        .run(tareas_common::shutdown::on_signal())
+        .await;
     Ok(())
 }

@@ -7,8 +7,8 @@ use num_bigint::BigUint;
 use serde_json::{json, Number, Value};
 use sha2::{Digest, Sha256};
 use tareas_common::builtin::{
-    self, ComputePayload, FibonacciPayload, SleepPayload, SumPayload, TextPayload, COMPUTE, ECHO, FIBONACCI, HASH,
-    REVERSE, SLEEP, SUM,
+    self, ComputePayload, FibonacciPayload, SleepPayload, SumPayload, TextPayload, COMPUTE, ECHO,
+    FIBONACCI, HASH, REVERSE, SLEEP, SUM,
 };
 
 use crate::registry::{Registry, TaskError, TaskResult};
@@ -28,7 +28,10 @@ pub fn register(registry: &mut Registry) -> &mut Registry {
         .register_async(SLEEP, sleep)
 }
 
-fn payload<T: serde::de::DeserializeOwned>(task_type: &str, payload: &Value) -> Result<T, TaskError> {
+fn payload<T: serde::de::DeserializeOwned>(
+    task_type: &str,
+    payload: &Value,
+) -> Result<T, TaskError> {
     builtin::validate(task_type, payload).map_err(|err| TaskError::permanent(err.to_string()))?;
     builtin::parse(task_type, payload).map_err(|err| TaskError::permanent(err.to_string()))
 }
@@ -69,7 +72,11 @@ pub fn sum(input: Value) -> TaskResult {
     let integers: Option<Vec<i128>> = p
         .numbers
         .iter()
-        .map(|n| n.as_i64().map(i128::from).or_else(|| n.as_u64().map(i128::from)))
+        .map(|n| {
+            n.as_i64()
+                .map(i128::from)
+                .or_else(|| n.as_u64().map(i128::from))
+        })
         .collect();
     let total = match integers {
         Some(integers) => {
@@ -135,7 +142,10 @@ mod tests {
         let out = fibonacci(json!({"n": 100})).unwrap();
         let numbers = out["numbers"].as_array().unwrap();
         assert_eq!(numbers.len(), 100);
-        assert_eq!(numbers[..6], [json!(0), json!(1), json!(1), json!(2), json!(3), json!(5)]);
+        assert_eq!(
+            numbers[..6],
+            [json!(0), json!(1), json!(1), json!(2), json!(3), json!(5)]
+        );
         assert_eq!(numbers[99], json!("218922995834555169026"));
         assert!(fibonacci(json!({"n": 1001})).is_err());
     }
@@ -148,7 +158,10 @@ mod tests {
     #[test]
     fn sum_exact_and_float() {
         assert_eq!(sum(json!({"numbers": [1, 2, 3]})).unwrap()["sum"], json!(6));
-        assert_eq!(sum(json!({"numbers": [1, 2.5]})).unwrap()["sum"], json!(3.5));
+        assert_eq!(
+            sum(json!({"numbers": [1, 2.5]})).unwrap()["sum"],
+            json!(3.5)
+        );
         assert_eq!(
             sum(json!({"numbers": [9007199254740991u64, 9007199254740991u64]})).unwrap()["sum"],
             json!("18014398509481982")

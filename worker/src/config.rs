@@ -38,7 +38,11 @@ pub struct WorkerConfig {
     #[arg(long, env = "TAREAS_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
     pub shutdown_timeout_secs: u64,
     /// Heartbeat file, fresh while the worker is consuming (for container healthchecks).
-    #[arg(long, env = "WORKER_HEALTH_FILE", default_value = "/tmp/tareas-worker.health")]
+    #[arg(
+        long,
+        env = "WORKER_HEALTH_FILE",
+        default_value = "/tmp/tareas-worker.health"
+    )]
     pub health_file: std::path::PathBuf,
     /// Exit 0 if the worker on this host is consuming (its heartbeat is fresh), 1 otherwise.
     #[arg(long)]

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
+};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties};
 use tareas_common::backoff::{retry_until_ok, RABBITMQ};
@@ -23,6 +25,10 @@ use crate::delivery;
 use crate::registry::Registry;
 use crate::retry::RetryPolicy;
 use crate::store::s3::S3Store;
+
+/// Longest wait for any one AMQP operation (opening, settling, closing):
+/// past it, the link is treated as broken rather than waited on forever.
+pub const AMQP_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Everything a delivery needs.
 pub struct Context {
@@ -59,7 +65,15 @@ enum Ended {
 /// Consumes until `shutdown`, reconnecting whenever the connection drops.
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     loop {
-        let Some((connection, channels, consumer)) = retry_until_ok(&RABBITMQ, &shutdown, || open(&ctx)).await else {
+        // A restart of RabbitMQ in the middle of opening can leave a reply
+        // pending forever: opening has a time limit, and is retried.
+        let opened = retry_until_ok(&RABBITMQ, &shutdown, || async {
+            match tokio::time::timeout(AMQP_TIMEOUT, open(&ctx)).await {
+                Ok(opened) => opened.map_err(|err| err.to_string()),
+                Err(_) => Err(format!("opening the connection took over {AMQP_TIMEOUT:?}")),
+            }
+        });
+        let Some((connection, channels, consumer)) = opened.await else {
             return;
         };
         tracing::info!(queue = %ctx.topology.queue, worker_id = %ctx.worker_id, concurrency = ctx.concurrency, "consuming");
@@ -71,14 +85,31 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
         tracker.close();
         match ended {
             Ended::Shutdown => {
-                let _ = channels.consume.basic_cancel(ctx.worker_id.as_str().into(), BasicCancelOptions::default()).await;
-                if tokio::time::timeout(ctx.drain_limit, tracker.wait()).await.is_err() {
-                    tracing::warn!(in_flight = tracker.len(), "shutdown limit reached; handing unfinished tasks back");
+                let cancel = channels
+                    .consume
+                    .basic_cancel(ctx.worker_id.as_str().into(), BasicCancelOptions::default());
+                let _ = tokio::time::timeout(AMQP_TIMEOUT, cancel).await;
+                if tokio::time::timeout(ctx.drain_limit, tracker.wait())
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(
+                        in_flight = tracker.len(),
+                        "shutdown limit reached; handing unfinished tasks back"
+                    );
                     abandon.cancel();
                     tracker.wait().await;
                 }
-                let _ = channels.consume.close(200, "worker shutting down".into()).await;
-                let _ = connection.close(200, "worker shutting down".into()).await;
+                let _ = tokio::time::timeout(
+                    AMQP_TIMEOUT,
+                    channels.consume.close(200, "worker shutting down".into()),
+                )
+                .await;
+                let _ = tokio::time::timeout(
+                    AMQP_TIMEOUT,
+                    connection.close(200, "worker shutting down".into()),
+                )
+                .await;
                 return;
             }
             Ended::ConnectionLost => {
@@ -95,9 +126,13 @@ async fn open(ctx: &Context) -> Result<(Connection, Channels, lapin::Consumer), 
     let consume = connection.create_channel().await?;
     ctx.topology.declare(&consume).await?;
     let prefetch = u16::try_from(ctx.concurrency).unwrap_or(u16::MAX);
-    consume.basic_qos(prefetch, BasicQosOptions::default()).await?;
+    consume
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
     let publish = connection.create_channel().await?;
-    publish.confirm_select(ConfirmSelectOptions::default()).await?;
+    publish
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
     let consumer = consume
         .basic_consume(
             ctx.topology.queue.as_str().into(),
@@ -124,7 +159,12 @@ async fn consume(
         };
         match next {
             Some(Ok(delivery)) => {
-                tracker.spawn(delivery::process(ctx.clone(), channels.clone(), delivery, abandon.clone()));
+                tracker.spawn(delivery::process(
+                    ctx.clone(),
+                    channels.clone(),
+                    delivery,
+                    abandon.clone(),
+                ));
             }
             Some(Err(err)) => {
                 tracing::debug!(cause = %err, "consumer failed");

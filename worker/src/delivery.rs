@@ -35,7 +35,10 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 enum Handled {
     /// The result is in PostgreSQL and S3: reply, then ack — or reject into
     /// the dead-letter queue when `dead_letter`.
-    Stored { report: TaskReport, dead_letter: bool },
+    Stored {
+        report: TaskReport,
+        dead_letter: bool,
+    },
     /// A transient failure with attempts left: wait `delay_ms` in a retry queue.
     Retry { delay_ms: u64 },
     /// Another copy of the message is running the task: ack this one.
@@ -45,57 +48,95 @@ enum Handled {
 }
 
 /// Processes one delivery to its ack, nack or reject.
-pub async fn process(ctx: Arc<Context>, channels: Channels, delivery: Delivery, abandon: tokio_util::sync::CancellationToken) {
+pub async fn process(
+    ctx: Arc<Context>,
+    channels: Channels,
+    delivery: Delivery,
+    abandon: tokio_util::sync::CancellationToken,
+) {
     let task: TaskMessage = match serde_json::from_slice(&delivery.data) {
         Ok(task) => task,
         Err(err) => {
             tracing::error!(cause = %err, "unreadable task message; dead-lettering it");
-            let _ = delivery.reject(BasicRejectOptions { requeue: false }).await;
+            let _ = tokio::time::timeout(
+                crate::consumer::AMQP_TIMEOUT,
+                delivery.reject(BasicRejectOptions { requeue: false }),
+            )
+            .await;
             return;
         }
     };
     let task_id = task.task_id.clone();
     let handled = handle(&ctx, &task, delivery.redelivered, &abandon).await;
-    let settled = match handled {
-        Handled::Stored { report, dead_letter } => {
-            if task.notify {
-                if let Some(reply_to) = delivery.properties.reply_to() {
-                    send_report(&channels.publish, reply_to.as_str(), &report).await;
+    let settle = async {
+        match handled {
+            Handled::Stored {
+                report,
+                dead_letter,
+            } => {
+                if task.notify {
+                    if let Some(reply_to) = delivery.properties.reply_to() {
+                        send_report(&channels.publish, reply_to.as_str(), &report).await;
+                    }
+                }
+                if dead_letter {
+                    tracing::warn!(task_id = %task_id, "task failed its last attempt; message moved to the dead-letter queue");
+                    delivery.reject(BasicRejectOptions { requeue: false }).await
+                } else {
+                    delivery.ack(BasicAckOptions::default()).await
                 }
             }
-            if dead_letter {
-                tracing::warn!(task_id = %task_id, "task failed its last attempt; message moved to the dead-letter queue");
-                delivery.reject(BasicRejectOptions { requeue: false }).await
-            } else {
+            Handled::Retry { delay_ms } => {
+                match publish_retry(&ctx, &channels.publish, &delivery, delay_ms).await {
+                    Ok(()) => delivery.ack(BasicAckOptions::default()).await,
+                    Err(err) => {
+                        tracing::warn!(task_id = %task_id, cause = %err, "cannot schedule the retry; handing the task back");
+                        release(&ctx, &task).await;
+                        delivery
+                            .nack(BasicNackOptions {
+                                requeue: true,
+                                ..BasicNackOptions::default()
+                            })
+                            .await
+                    }
+                }
+            }
+            Handled::Duplicate => {
+                tracing::debug!(task_id = %task_id, "duplicate message of a running task; dropping it");
                 delivery.ack(BasicAckOptions::default()).await
             }
-        }
-        Handled::Retry { delay_ms } => match publish_retry(&ctx, &channels.publish, &delivery, delay_ms).await {
-            Ok(()) => delivery.ack(BasicAckOptions::default()).await,
-            Err(err) => {
-                tracing::warn!(task_id = %task_id, cause = %err, "cannot schedule the retry; handing the task back");
+            Handled::Abandoned => {
+                tracing::info!(task_id = %task_id, "handing the task back to RabbitMQ");
                 release(&ctx, &task).await;
-                delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await
+                delivery
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    })
+                    .await
             }
-        },
-        Handled::Duplicate => {
-            tracing::debug!(task_id = %task_id, "duplicate message of a running task; dropping it");
-            delivery.ack(BasicAckOptions::default()).await
         }
-        Handled::Abandoned => {
-            tracing::info!(task_id = %task_id, "handing the task back to RabbitMQ");
-            release(&ctx, &task).await;
-            delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await
-        }
+    };
+    let settled = match tokio::time::timeout(crate::consumer::AMQP_TIMEOUT, settle).await {
+        Ok(settled) => settled.map_err(|err| err.to_string()),
+        Err(_) => Err("no answer from RabbitMQ in time".to_owned()),
     };
     if let Err(err) = settled {
         tracing::warn!(task_id = %task_id, cause = %err, "could not settle the message; RabbitMQ will redeliver it, and the rerun changes nothing");
     }
 }
 
-async fn handle(ctx: &Context, task: &TaskMessage, redelivered: bool, abandon: &tokio_util::sync::CancellationToken) -> Handled {
+async fn handle(
+    ctx: &Context,
+    task: &TaskMessage,
+    redelivered: bool,
+    abandon: &tokio_util::sync::CancellationToken,
+) -> Handled {
     let task_id = task.task_id.as_str();
-    let Some(claim) = retry_until_ok(&POSTGRES, abandon, || ctx.db.claim(task, &ctx.worker_id, redelivered)).await
+    let Some(claim) = retry_until_ok(&POSTGRES, abandon, || {
+        ctx.db.claim(task, &ctx.worker_id, redelivered)
+    })
+    .await
     else {
         return Handled::Abandoned;
     };
@@ -119,15 +160,25 @@ async fn handle(ctx: &Context, task: &TaskMessage, redelivered: bool, abandon: &
                 match (&outcome.error, outcome.retryable) {
                     (Some(error), true) if ctx.retry.should_retry(attempt) => {
                         tracing::info!(task_id, attempt, %error, "task failed; will retry");
-                        let stored = retry_until_ok(&POSTGRES, abandon, || ctx.db.retry_later(task_id, &ctx.worker_id, error));
+                        let stored = retry_until_ok(&POSTGRES, abandon, || {
+                            ctx.db.retry_later(task_id, &ctx.worker_id, error)
+                        });
                         if stored.await.is_none() {
                             return Handled::Abandoned;
                         }
-                        return Handled::Retry { delay_ms: ctx.retry.delay_ms(attempt, jitter()) };
+                        return Handled::Retry {
+                            delay_ms: ctx.retry.delay_ms(attempt, jitter()),
+                        };
                     }
                     (Some(error), true) => {
                         let error = format!("failed after {attempt} attempts: {error}");
-                        (Outcome { error: Some(error), ..outcome }, true)
+                        (
+                            Outcome {
+                                error: Some(error),
+                                ..outcome
+                            },
+                            true,
+                        )
                     }
                     (Some(error), false) => {
                         tracing::info!(task_id, task_type = %task.task_type, %error, "task failed");
@@ -137,24 +188,31 @@ async fn handle(ctx: &Context, task: &TaskMessage, redelivered: bool, abandon: &
                 }
             };
             let finish = Finish {
+                task_id: task_id.to_owned(),
                 state: outcome.state,
-                result: outcome.result.as_ref(),
-                error: outcome.error.as_deref(),
-                worker_id: &ctx.worker_id,
+                result: outcome.result,
+                error: outcome.error,
+                worker_id: ctx.worker_id.clone(),
                 duration_ms: u64::try_from(outcome.duration.as_millis()).unwrap_or(u64::MAX),
             };
-            match retry_until_ok(&POSTGRES, abandon, || ctx.db.finish(task_id, &finish)).await {
+            match retry_until_ok(&POSTGRES, abandon, || ctx.db.finish(finish.clone())).await {
                 Some(document) => (document, dead_letter),
                 None => return Handled::Abandoned,
             }
         }
     };
     let bytes = serde_json::to_vec(&document).unwrap_or_default();
-    if retry_until_ok(&S3, abandon, || ctx.s3.put_result(task_id, bytes.clone())).await.is_none() {
+    if retry_until_ok(&S3, abandon, || ctx.s3.put_result(task_id, bytes.clone()))
+        .await
+        .is_none()
+    {
         return Handled::Abandoned;
     }
     match report_from_document(task, &document) {
-        Some(report) => Handled::Stored { report, dead_letter },
+        Some(report) => Handled::Stored {
+            report,
+            dead_letter,
+        },
         None => Handled::Abandoned,
     }
 }
@@ -174,24 +232,47 @@ fn gave_up(attempts: u32) -> Outcome {
 }
 
 fn jitter() -> f64 {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos();
     f64::from(nanos % 1000) / 1000.0
 }
 
 /// Publishes a copy of `delivery` to the retry queue for `delay_ms`, and
 /// waits for RabbitMQ's confirm.
-async fn publish_retry(ctx: &Context, channel: &Channel, delivery: &Delivery, delay_ms: u64) -> Result<(), String> {
-    let queue = ctx.topology.declare_retry_queue(channel, delay_ms).await.map_err(|err| err.to_string())?;
-    let mut properties = BasicProperties::default().with_delivery_mode(2).with_content_type("application/json".into());
+async fn publish_retry(
+    ctx: &Context,
+    channel: &Channel,
+    delivery: &Delivery,
+    delay_ms: u64,
+) -> Result<(), String> {
+    let queue = ctx
+        .topology
+        .declare_retry_queue(channel, delay_ms)
+        .await
+        .map_err(|err| err.to_string())?;
+    let mut properties = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into());
     if let Some(reply_to) = delivery.properties.reply_to() {
         properties = properties.with_reply_to(reply_to.clone());
     }
     if let Some(correlation_id) = delivery.properties.correlation_id() {
         properties = properties.with_correlation_id(correlation_id.clone());
     }
-    let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
+    let options = BasicPublishOptions {
+        mandatory: true,
+        ..BasicPublishOptions::default()
+    };
     let confirm = channel
-        .basic_publish("".into(), queue.as_str().into(), options, &delivery.data, properties)
+        .basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            options,
+            &delivery.data,
+            properties,
+        )
         .await
         .map_err(|err| err.to_string())?;
     let confirmation = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
@@ -206,7 +287,10 @@ async fn publish_retry(ctx: &Context, channel: &Channel, delivery: &Delivery, de
 
 /// Best effort: the claim does not count when the task is handed back.
 async fn release(ctx: &Context, task: &TaskMessage) {
-    let released = tokio::time::timeout(Duration::from_secs(2), ctx.db.release(task.task_id.as_str(), &ctx.worker_id));
+    let released = tokio::time::timeout(
+        Duration::from_secs(2),
+        ctx.db.release(task.task_id.as_str(), &ctx.worker_id),
+    );
     if let Ok(Err(err)) = released.await {
         tracing::debug!(task_id = %task.task_id, cause = %err, "could not release the claim");
     }
@@ -233,10 +317,17 @@ async fn send_report(channel: &Channel, reply_to: &str, report: &TaskReport) {
     let properties = BasicProperties::default()
         .with_content_type("application/json".into())
         .with_correlation_id(report.task_id.as_str().into());
-    if let Err(err) = channel
-        .basic_publish("".into(), reply_to.into(), BasicPublishOptions::default(), &body, properties)
-        .await
-    {
-        tracing::warn!(task_id = %report.task_id, cause = %err, "could not send the result back; it is stored");
-    }
+    let publish = channel.basic_publish(
+        "".into(),
+        reply_to.into(),
+        BasicPublishOptions::default(),
+        &body,
+        properties,
+    );
+    let cause = match tokio::time::timeout(CONFIRM_TIMEOUT, publish).await {
+        Ok(Ok(_)) => return,
+        Ok(Err(err)) => err.to_string(),
+        Err(_) => "RabbitMQ did not take it in time".to_owned(),
+    };
+    tracing::warn!(task_id = %report.task_id, %cause, "could not send the result back; it is stored");
 }

@@ -33,7 +33,13 @@ pub async fn execute(registry: &Registry, task: &TaskMessage, time_limit: Durati
     };
     let duration = started.elapsed();
     match outcome {
-        Ok(result) => Outcome { state: TaskState::Succeeded, result: Some(result), error: None, retryable: false, duration },
+        Ok(result) => Outcome {
+            state: TaskState::Succeeded,
+            result: Some(result),
+            error: None,
+            retryable: false,
+            duration,
+        },
         Err(err) => Outcome {
             state: TaskState::Failed,
             result: None,
@@ -60,7 +66,9 @@ async fn run(handler: &Handler, payload: Value, time_limit: Duration) -> Result<
             "the handler panicked: {}",
             panic_message(join.into_panic())
         ))),
-        Ok(Err(join)) => Err(TaskError::transient(format!("the handler was cancelled: {join}"))),
+        Ok(Err(join)) => Err(TaskError::transient(format!(
+            "the handler was cancelled: {join}"
+        ))),
         Err(_) => {
             // Async handlers stop here; a blocking one runs on, detached.
             abort.abort();
@@ -89,7 +97,12 @@ mod tests {
     use tareas_common::task::TaskId;
 
     fn task(task_type: &str) -> TaskMessage {
-        TaskMessage { task_id: TaskId::generate(), task_type: task_type.into(), payload: json!({}), notify: true }
+        TaskMessage {
+            task_id: TaskId::generate(),
+            task_type: task_type.into(),
+            payload: json!({}),
+            notify: true,
+        }
     }
 
     #[tokio::test]
@@ -113,6 +126,9 @@ mod tests {
         assert!(!slow.retryable, "over the time limit fails at once");
         let missing = execute(&registry, &task("nope"), limit).await;
         assert!(missing.error.unwrap().contains("no handler"));
-        assert_eq!(execute(&registry, &task("ok"), limit).await.result, Some(json!(1)));
+        assert_eq!(
+            execute(&registry, &task("ok"), limit).await.result,
+            Some(json!(1))
+        );
     }
 }

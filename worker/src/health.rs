@@ -44,10 +44,20 @@ impl Drop for Heartbeat {
 pub fn check(path: &Path) -> Result<(), String> {
     let modified = std::fs::metadata(path)
         .and_then(|meta| meta.modified())
-        .map_err(|err| format!("no heartbeat at {} ({err}): the worker is not consuming", path.display()))?;
-    let age = SystemTime::now().duration_since(modified).unwrap_or_default();
+        .map_err(|err| {
+            format!(
+                "no heartbeat at {} ({err}): the worker is not consuming",
+                path.display()
+            )
+        })?;
+    let age = SystemTime::now()
+        .duration_since(modified)
+        .unwrap_or_default();
     if age > MAX_AGE {
-        return Err(format!("heartbeat is {}s old: the worker is stuck or disconnected", age.as_secs()));
+        return Err(format!(
+            "heartbeat is {}s old: the worker is stuck or disconnected",
+            age.as_secs()
+        ));
     }
     Ok(())
 }

@@ -82,10 +82,16 @@ impl Worker {
     /// any dependency that is not there yet.
     pub async fn run(self, shutdown: CancellationToken) {
         let ctx = self.context;
-        if retry_until_ok(&POSTGRES, &shutdown, || ctx.db.migrate()).await.is_none() {
+        if retry_until_ok(&POSTGRES, &shutdown, || ctx.db.migrate())
+            .await
+            .is_none()
+        {
             return;
         }
-        if retry_until_ok(&S3, &shutdown, || ctx.s3.ensure_bucket()).await.is_none() {
+        if retry_until_ok(&S3, &shutdown, || ctx.s3.ensure_bucket())
+            .await
+            .is_none()
+        {
             return;
         }
         consumer::run(Arc::new(ctx), shutdown).await;

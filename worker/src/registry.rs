@@ -44,11 +44,17 @@ pub struct TaskError {
 
 impl TaskError {
     pub fn permanent(message: impl Into<String>) -> TaskError {
-        TaskError { kind: ErrorKind::Permanent, message: message.into() }
+        TaskError {
+            kind: ErrorKind::Permanent,
+            message: message.into(),
+        }
     }
 
     pub fn transient(message: impl Into<String>) -> TaskError {
-        TaskError { kind: ErrorKind::Transient, message: message.into() }
+        TaskError {
+            kind: ErrorKind::Transient,
+            message: message.into(),
+        }
     }
 }
 
@@ -88,7 +94,8 @@ impl Registry {
     where
         F: Fn(Value) -> TaskResult + Send + Sync + 'static,
     {
-        self.handlers.insert(task_type.to_owned(), Handler::Blocking(Arc::new(handler)));
+        self.handlers
+            .insert(task_type.to_owned(), Handler::Blocking(Arc::new(handler)));
         self
     }
 
@@ -98,8 +105,11 @@ impl Registry {
         F: Fn(Value) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = TaskResult> + Send + 'static,
     {
-        let handler = move |payload| -> Pin<Box<dyn Future<Output = TaskResult> + Send>> { Box::pin(handler(payload)) };
-        self.handlers.insert(task_type.to_owned(), Handler::Async(Arc::new(handler)));
+        let handler = move |payload| -> Pin<Box<dyn Future<Output = TaskResult> + Send>> {
+            Box::pin(handler(payload))
+        };
+        self.handlers
+            .insert(task_type.to_owned(), Handler::Async(Arc::new(handler)));
         self
     }
 

@@ -40,7 +40,11 @@ mod tests {
     use super::*;
 
     fn policy() -> RetryPolicy {
-        RetryPolicy { max_attempts: 5, base: Duration::from_secs(1), max: Duration::from_secs(10) }
+        RetryPolicy {
+            max_attempts: 5,
+            base: Duration::from_secs(1),
+            max: Duration::from_secs(10),
+        }
     }
 
     #[test]
@@ -51,7 +55,9 @@ mod tests {
         assert_eq!(p.delay_ms(2, 0.99), 2000);
         assert_eq!(p.delay_ms(3, 0.5), 4000 * 6 / 8);
         assert_eq!(p.delay_ms(9, 0.99), 10_000, "capped at max");
-        let distinct: std::collections::HashSet<u64> = (0..100).map(|i| p.delay_ms(2, f64::from(i) / 100.0)).collect();
+        let distinct: std::collections::HashSet<u64> = (0..100)
+            .map(|i| p.delay_ms(2, f64::from(i) / 100.0))
+            .collect();
         assert_eq!(distinct.len(), 5, "five jitter steps per level");
     }
 

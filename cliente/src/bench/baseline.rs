@@ -13,7 +13,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures::stream::{FuturesUnordered, StreamExt};
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde::Serialize;
@@ -40,10 +43,14 @@ pub struct Baseline {
 impl Baseline {
     /// The slowest dependency and its rate.
     pub fn slowest(&self) -> (&'static str, f64) {
-        [("RabbitMQ", self.rabbitmq_per_sec), ("PostgreSQL", self.postgres_per_sec), ("S3", self.s3_per_sec)]
-            .into_iter()
-            .min_by(|a, b| a.1.total_cmp(&b.1))
-            .unwrap_or(("RabbitMQ", self.rabbitmq_per_sec))
+        [
+            ("RabbitMQ", self.rabbitmq_per_sec),
+            ("PostgreSQL", self.postgres_per_sec),
+            ("S3", self.s3_per_sec),
+        ]
+        .into_iter()
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap_or(("RabbitMQ", self.rabbitmq_per_sec))
     }
 }
 
@@ -55,10 +62,19 @@ pub async fn measure(args: &BenchArgs, count: usize) -> anyhow::Result<Baseline>
         notify: true,
     };
     let body = serde_json::to_vec(&message)?;
-    let rabbitmq_per_sec = rabbitmq(&args.broker.amqp_url, &body, count).await.context("RabbitMQ baseline")?;
-    let postgres_per_sec = postgres(&args.database.database_url, &message, count).await.context("PostgreSQL baseline")?;
+    let rabbitmq_per_sec = rabbitmq(&args.broker.amqp_url, &body, count)
+        .await
+        .context("RabbitMQ baseline")?;
+    let postgres_per_sec = postgres(&args.database.database_url, &message, count)
+        .await
+        .context("PostgreSQL baseline")?;
     let s3_per_sec = s3(args, &message, count).await.context("S3 baseline")?;
-    Ok(Baseline { count, rabbitmq_per_sec, postgres_per_sec, s3_per_sec })
+    Ok(Baseline {
+        count,
+        rabbitmq_per_sec,
+        postgres_per_sec,
+        s3_per_sec,
+    })
 }
 
 fn per_sec(count: usize, elapsed: Duration) -> f64 {
@@ -68,24 +84,45 @@ fn per_sec(count: usize, elapsed: Duration) -> f64 {
 async fn rabbitmq(url: &str, body: &[u8], count: usize) -> anyhow::Result<f64> {
     let connection = Connection::connect(url, ConnectionProperties::default()).await?;
     let publisher = connection.create_channel().await?;
-    publisher.confirm_select(ConfirmSelectOptions::default()).await?;
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
     let queue = format!("tareas-baseline-{}", uuid::Uuid::new_v4());
     let mut arguments = FieldTable::default();
-    arguments.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
+    arguments.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
     publisher
-        .queue_declare(queue.as_str().into(), QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() }, arguments)
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            arguments,
+        )
         .await?;
     let consumer_channel = connection.create_channel().await?;
     let closing = consumer_channel.clone();
-    consumer_channel.basic_qos(1000, BasicQosOptions::default()).await?;
+    consumer_channel
+        .basic_qos(1000, BasicQosOptions::default())
+        .await?;
     let mut consumer = consumer_channel
-        .basic_consume(queue.as_str().into(), "baseline".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            queue.as_str().into(),
+            "baseline".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await?;
     let started = Instant::now();
     let consuming = tokio::spawn(async move {
         let mut consumed = 0;
         while consumed < count {
-            let Some(delivery) = consumer.next().await else { break };
+            let Some(delivery) = consumer.next().await else {
+                break;
+            };
             let delivery = delivery?;
             delivery.ack(BasicAckOptions::default()).await?;
             consumed += 1;
@@ -101,7 +138,13 @@ async fn rabbitmq(url: &str, body: &[u8], count: usize) -> anyhow::Result<f64> {
         }
         let properties = BasicProperties::default().with_delivery_mode(2);
         let confirm = publisher
-            .basic_publish("".into(), queue.as_str().into(), BasicPublishOptions::default(), body, properties)
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                properties,
+            )
             .await?;
         confirms.push(confirm);
     }
@@ -112,7 +155,9 @@ async fn rabbitmq(url: &str, body: &[u8], count: usize) -> anyhow::Result<f64> {
     let elapsed = started.elapsed();
     anyhow::ensure!(consumed == count, "consumed {consumed} of {count}");
     closing.close(200, "baseline consumed".into()).await?;
-    publisher.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await?;
+    publisher
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await?;
     let _ = connection.close(200, "baseline done".into()).await;
     Ok(per_sec(count, elapsed))
 }
@@ -123,8 +168,11 @@ async fn postgres(url: &str, message: &TaskMessage, count: usize) -> anyhow::Res
     let table = format!("tareas_baseline_{}", uuid::Uuid::new_v4().simple());
     let (setup, driver) = tokio_postgres::connect(url, NoTls).await?;
     tokio::spawn(driver);
-    setup.batch_execute(&format!("CREATE TABLE {table} (LIKE tasks INCLUDING ALL)")).await?;
-    let result = json!({"sha256": "b221d9dbb083a7f33428d7c2a3c3198ae925614d70210e28716ccaa7cd4ddb79"});
+    setup
+        .batch_execute(&format!("CREATE TABLE {table} (LIKE tasks INCLUDING ALL)"))
+        .await?;
+    let result =
+        json!({"sha256": "b221d9dbb083a7f33428d7c2a3c3198ae925614d70210e28716ccaa7cd4ddb79"});
     let sql = Arc::new(format!(
         "INSERT INTO {table} (task_id, task_type, payload, state, result, worker_id, attempts, finished_at)
          SELECT id, $2, $3, 'succeeded', $4, 'baseline', 1, now() FROM UNNEST($1::text[]) AS id
@@ -136,13 +184,22 @@ async fn postgres(url: &str, message: &TaskMessage, count: usize) -> anyhow::Res
     for connection in 0..CONNECTIONS {
         let (client, driver) = tokio_postgres::connect(url, NoTls).await?;
         tokio::spawn(driver);
-        let ids: Vec<String> = (connection..count).step_by(CONNECTIONS).map(|i| format!("baseline-{i}")).collect();
+        let ids: Vec<String> = (connection..count)
+            .step_by(CONNECTIONS)
+            .map(|i| format!("baseline-{i}"))
+            .collect();
         let sql = sql.clone();
-        let (task_type, payload, result) = (message.task_type.clone(), message.payload.clone(), result.clone());
+        let (task_type, payload, result) = (
+            message.task_type.clone(),
+            message.payload.clone(),
+            result.clone(),
+        );
         writers.push(tokio::spawn(async move {
             let statement = client.prepare(&sql).await?;
             for batch in ids.chunks(BATCH) {
-                client.execute(&statement, &[&batch, &task_type, &payload, &result]).await?;
+                client
+                    .execute(&statement, &[&batch, &task_type, &payload, &result])
+                    .await?;
             }
             Ok::<(), tokio_postgres::Error>(())
         }));
@@ -176,7 +233,11 @@ async fn s3(args: &BenchArgs, message: &TaskMessage, count: usize) -> anyhow::Re
         }
         let store = store.clone();
         let document = document.clone();
-        puts.push(async move { store.put_result(&format!("baseline-{run}-{i}"), document).await });
+        puts.push(async move {
+            store
+                .put_result(&format!("baseline-{run}-{i}"), document)
+                .await
+        });
     }
     while let Some(put) = puts.next().await {
         put?;

@@ -57,7 +57,10 @@ struct Totals {
 
 pub async fn run(addr: &str, args: &BenchArgs, limit: Duration) -> anyhow::Result<LoadResult> {
     let payload = args.payload()?;
-    let prefix = args.id_prefix.clone().unwrap_or_else(|| format!("bench-{}", &uuid::Uuid::new_v4().to_string()[..8]));
+    let prefix = args
+        .id_prefix
+        .clone()
+        .unwrap_or_else(|| format!("bench-{}", &uuid::Uuid::new_v4().to_string()[..8]));
     let connections = args.connections.max(1);
     let progress = progress_bar(args);
     let totals = Arc::new(Totals {
@@ -82,7 +85,9 @@ pub async fn run(addr: &str, args: &BenchArgs, limit: Duration) -> anyhow::Resul
     let mut handles = Vec::new();
     for connection in 0..connections {
         let count = args.tasks / connections + usize::from(connection < args.tasks % connections);
-        let ids: Vec<String> = (0..count).map(|i| format!("{prefix}-{connection}-{i}")).collect();
+        let ids: Vec<String> = (0..count)
+            .map(|i| format!("{prefix}-{connection}-{i}"))
+            .collect();
         let client = Client::connect(addr).await?;
         let job = Job {
             ids,
@@ -108,26 +113,41 @@ pub async fn run(addr: &str, args: &BenchArgs, limit: Duration) -> anyhow::Resul
     }
     progress.finish_and_clear();
     if let Some(path) = &args.record_acked {
-        let ids = totals.acked_ids.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.join("\n");
+        let ids = totals
+            .acked_ids
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .join("\n");
         std::fs::write(path, ids + "\n").with_context(|| format!("writing {}", path.display()))?;
     }
-    let totals = Arc::try_unwrap(totals).map_err(|_| anyhow::anyhow!("bench connections still running"))?;
-    totals.result.into_inner().map_err(|_| anyhow::anyhow!("poisoned"))
+    let totals =
+        Arc::try_unwrap(totals).map_err(|_| anyhow::anyhow!("bench connections still running"))?;
+    totals
+        .result
+        .into_inner()
+        .map_err(|_| anyhow::anyhow!("poisoned"))
 }
 
 fn histogram() -> Histogram<u64> {
     // 1 µs to 1 hour, 3 significant digits.
-    Histogram::new_with_bounds(1, 3_600_000_000, 3).unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
+    Histogram::new_with_bounds(1, 3_600_000_000, 3)
+        .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
 }
 
 fn progress_bar(args: &BenchArgs) -> ProgressBar {
     if args.quiet {
         return ProgressBar::hidden();
     }
-    let total = if args.acks_only { args.tasks } else { args.tasks * 2 };
+    let total = if args.acks_only {
+        args.tasks
+    } else {
+        args.tasks * 2
+    };
     let bar = ProgressBar::new(total as u64);
-    let style = ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} acks+results {per_sec}")
-        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    let style = ProgressStyle::with_template(
+        "{elapsed_precise} [{bar:40}] {pos}/{len} acks+results {per_sec}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
     bar.set_style(style.progress_chars("=> "));
     bar
 }
@@ -178,7 +198,19 @@ impl Job {
             let progress = self.progress.clone();
             let retry = self.retry_unavailable.then_some(resend_tx);
             let notify = self.notify;
-            tokio::spawn(async move { receive(&mut reader, count, notify, retry, &window, &pending, &totals, &progress).await })
+            tokio::spawn(async move {
+                receive(
+                    &mut reader,
+                    count,
+                    notify,
+                    retry,
+                    &window,
+                    &pending,
+                    &totals,
+                    &progress,
+                )
+                .await
+            })
         };
         for id in &self.ids {
             self.send(&mut writer, &window, &pending, id).await?;
@@ -249,7 +281,10 @@ async fn receive(
     let mut seen_results: std::collections::HashSet<String> = std::collections::HashSet::new();
     while acked < count || (notify && finished < count) {
         let Some(reply) = reader.recv().await? else {
-            bail!("the distribuidor closed the connection with {} of {count} tasks acked", acked);
+            bail!(
+                "the distribuidor closed the connection with {} of {count} tasks acked",
+                acked
+            );
         };
         let now = Instant::now();
         match reply {
@@ -294,11 +329,16 @@ async fn receive(
             }
             Reply::Error(error) => {
                 window.add_permits(1);
-                *lock(&totals.result).errors.entry(error.code.as_str().to_owned()).or_default() += 1;
+                *lock(&totals.result)
+                    .errors
+                    .entry(error.code.as_str().to_owned())
+                    .or_default() += 1;
                 let id = error.task_id.clone().unwrap_or_default();
                 lock(pending).sent_at.remove(&id);
                 let unavailable = error.code == tareas_common::protocol::ErrorCode::Unavailable;
-                if let (Some(resend), true, false) = (&retry_unavailable, unavailable, id.is_empty()) {
+                if let (Some(resend), true, false) =
+                    (&retry_unavailable, unavailable, id.is_empty())
+                {
                     // Give the system a moment to come back before trying again.
                     let resend = resend.clone();
                     tokio::spawn(async move {
@@ -318,9 +358,13 @@ async fn receive(
 }
 
 fn micros(elapsed: Duration) -> u64 {
-    u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX).max(1)
+    u64::try_from(elapsed.as_micros())
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -82,7 +82,8 @@ impl BenchArgs {
     /// The payload each task carries.
     pub fn payload(&self) -> anyhow::Result<Value> {
         match &self.payload {
-            Some(raw) => Ok(serde_json::from_str(raw).map_err(|err| anyhow::anyhow!("--payload is not JSON: {err}"))?),
+            Some(raw) => Ok(serde_json::from_str(raw)
+                .map_err(|err| anyhow::anyhow!("--payload is not JSON: {err}"))?),
             None if self.task_type == "hash" => Ok(serde_json::json!({"text": "tareas bench"})),
             None => Ok(tareas_common::builtin::sample_payload(&self.task_type)),
         }

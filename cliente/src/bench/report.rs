@@ -70,7 +70,11 @@ impl Report {
         };
         let acks_per_sec = rate(load.acked, load.ack_elapsed);
         let results_per_sec = rate(load.results, load.result_elapsed);
-        let measured = if args.acks_only { acks_per_sec } else { results_per_sec };
+        let measured = if args.acks_only {
+            acks_per_sec
+        } else {
+            results_per_sec
+        };
         let slowest = baseline.as_ref().map(Baseline::slowest);
         Report {
             task_type: args.task_type.clone(),
@@ -109,20 +113,40 @@ impl Report {
                 self.task_type,
                 self.connections,
                 self.window,
-                self.rate.map(|r| format!(", offered {r:.0}/s")).unwrap_or_default()
+                self.rate
+                    .map(|r| format!(", offered {r:.0}/s"))
+                    .unwrap_or_default()
             ),
         );
         if let Some(b) = &self.baseline {
             line(&mut out, format!("baseline ({} each)      RabbitMQ {:>9.0}/s   PostgreSQL {:>9.0}/s   S3 {:>9.0}/s", b.count, b.rabbitmq_per_sec, b.postgres_per_sec, b.s3_per_sec));
         }
-        line(&mut out, format!("acked      {:>8}   {:>9.0} acks/s", self.acked, self.acks_per_sec));
-        line(&mut out, format!("results    {:>8}   {:>9.0} results/s   ({} failed, {} duplicate pushes)", self.results, self.results_per_sec, self.failed, self.duplicate_results));
+        line(
+            &mut out,
+            format!(
+                "acked      {:>8}   {:>9.0} acks/s",
+                self.acked, self.acks_per_sec
+            ),
+        );
+        line(
+            &mut out,
+            format!(
+                "results    {:>8}   {:>9.0} results/s   ({} failed, {} duplicate pushes)",
+                self.results, self.results_per_sec, self.failed, self.duplicate_results
+            ),
+        );
         let row = |name: &str, l: &Latency| {
-            format!("{name:<18} p50 {:>8.2}  p90 {:>8.2}  p99 {:>8.2}  p99.9 {:>8.2}  max {:>8.2} ms", l.p50, l.p90, l.p99, l.p999, l.max)
+            format!(
+                "{name:<18} p50 {:>8.2}  p90 {:>8.2}  p99 {:>8.2}  p99.9 {:>8.2}  max {:>8.2} ms",
+                l.p50, l.p90, l.p99, l.p999, l.max
+            )
         };
         line(&mut out, row("ack latency", &self.ack_latency_ms));
         if self.end_to_end_latency_ms.samples > 0 {
-            line(&mut out, row("end-to-end latency", &self.end_to_end_latency_ms));
+            line(
+                &mut out,
+                row("end-to-end latency", &self.end_to_end_latency_ms),
+            );
         }
         if !self.errors.is_empty() {
             line(&mut out, format!("errors     {:?}", self.errors));
@@ -131,7 +155,13 @@ impl Report {
             line(&mut out, format!("workers    {:?}", self.workers));
         }
         if let (Some(ratio), Some(bound)) = (self.ratio_to_slowest, &self.bounded_by) {
-            line(&mut out, format!("ratio      {:.2} of the slowest dependency alone ({bound})", ratio));
+            line(
+                &mut out,
+                format!(
+                    "ratio      {:.2} of the slowest dependency alone ({bound})",
+                    ratio
+                ),
+            );
         }
         out
     }

@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use aws_sdk_s3::config::timeout::TimeoutConfig;
-use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation};
+use aws_sdk_s3::config::{
+    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::Client;
 use tareas_common::config::S3Args;
@@ -38,7 +40,13 @@ pub struct S3Store {
 
 impl S3Store {
     pub fn new(args: &S3Args) -> S3Store {
-        let credentials = Credentials::new(&args.aws_access_key_id, &args.aws_secret_access_key, None, None, "tareas");
+        let credentials = Credentials::new(
+            &args.aws_access_key_id,
+            &args.aws_secret_access_key,
+            None,
+            None,
+            "tareas",
+        );
         let config = aws_sdk_s3::Config::builder()
             .behavior_version(BehaviorVersion::latest())
             .endpoint_url(&args.s3_endpoint)
@@ -54,7 +62,10 @@ impl S3Store {
                     .build(),
             )
             .build();
-        S3Store { client: Client::from_conf(config), bucket: args.s3_bucket.clone() }
+        S3Store {
+            client: Client::from_conf(config),
+            bucket: args.s3_bucket.clone(),
+        }
     }
 
     pub fn bucket(&self) -> &str {
@@ -68,17 +79,32 @@ impl S3Store {
 
     /// Creates the bucket unless it exists.
     pub async fn ensure_bucket(&self) -> Result<(), S3Error> {
-        if self.client.head_bucket().bucket(&self.bucket).send().await.is_ok() {
+        if self
+            .client
+            .head_bucket()
+            .bucket(&self.bucket)
+            .send()
+            .await
+            .is_ok()
+        {
             return Ok(());
         }
-        match self.client.create_bucket().bucket(&self.bucket).send().await {
+        match self
+            .client
+            .create_bucket()
+            .bucket(&self.bucket)
+            .send()
+            .await
+        {
             Ok(_) => {
                 tracing::info!(bucket = %self.bucket, "created S3 bucket");
                 Ok(())
             }
             Err(err) => {
                 let service = err.as_service_error();
-                if service.is_some_and(|e| e.is_bucket_already_owned_by_you() || e.is_bucket_already_exists()) {
+                if service.is_some_and(|e| {
+                    e.is_bucket_already_owned_by_you() || e.is_bucket_already_exists()
+                }) {
                     Ok(())
                 } else {
                     Err(S3Error::new("CreateBucket", err))
@@ -103,9 +129,20 @@ impl S3Store {
 
     /// Reads a task's result document, if there is one (for tests and tools).
     pub async fn get_result(&self, task_id: &str) -> Result<Option<Vec<u8>>, S3Error> {
-        match self.client.get_object().bucket(&self.bucket).key(Self::key(task_id)).send().await {
+        match self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(Self::key(task_id))
+            .send()
+            .await
+        {
             Ok(object) => {
-                let bytes = object.body.collect().await.map_err(|err| S3Error::new("GetObject", err))?;
+                let bytes = object
+                    .body
+                    .collect()
+                    .await
+                    .map_err(|err| S3Error::new("GetObject", err))?;
                 Ok(Some(bytes.into_bytes().to_vec()))
             }
             Err(err) if err.as_service_error().is_some_and(|e| e.is_no_such_key()) => Ok(None),

@@ -1,0 +1,93 @@
+//! Group commit: concurrent calls of one kind of write are collected into
+//! one statement and one commit. A batch is whatever queued up while the
+//! previous batches were being written, so a lone call goes out at once
+//! (no timer, no added latency) and a busy system writes big batches.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use super::DbError;
+
+/// The reply slot of one call.
+type Waiter<Resp> = oneshot::Sender<Result<Resp, DbError>>;
+
+/// A handle to one batching writer; cheap to clone.
+pub struct Batcher<Req, Resp> {
+    calls: mpsc::Sender<(Req, Waiter<Resp>)>,
+}
+
+impl<Req, Resp> Clone for Batcher<Req, Resp> {
+    fn clone(&self) -> Self {
+        Batcher {
+            calls: self.calls.clone(),
+        }
+    }
+}
+
+impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
+    /// Starts the writer: at most `max_batch` calls per statement, at most
+    /// `parallel` statements at once. `flush` must answer every request of
+    /// a batch, in order, or fail the whole batch.
+    pub fn spawn<F, Fut>(max_batch: usize, parallel: usize, flush: F) -> Self
+    where
+        F: Fn(Vec<Req>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Vec<Result<Resp, DbError>>, DbError>> + Send + 'static,
+    {
+        let (calls, mut incoming) =
+            mpsc::channel::<(Req, Waiter<Resp>)>(max_batch.max(1) * parallel.max(1) * 4);
+        let flush = Arc::new(flush);
+        let slots = Arc::new(Semaphore::new(parallel.max(1)));
+        tokio::spawn(async move {
+            loop {
+                // Wait for a free slot first, so calls pile up into one batch meanwhile.
+                let Ok(slot) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                let Some(first) = incoming.recv().await else {
+                    return;
+                };
+                let mut batch = vec![first];
+                while batch.len() < max_batch {
+                    match incoming.try_recv() {
+                        Ok(call) => batch.push(call),
+                        Err(_) => break,
+                    }
+                }
+                let flush = flush.clone();
+                tokio::spawn(async move {
+                    let (requests, waiters): (Vec<Req>, Vec<Waiter<Resp>>) =
+                        batch.into_iter().unzip();
+                    match flush(requests).await {
+                        Ok(answers) => {
+                            for (waiter, answer) in waiters.into_iter().zip(answers) {
+                                let _ = waiter.send(answer);
+                            }
+                        }
+                        Err(err) => {
+                            let message = err.to_string();
+                            for waiter in waiters {
+                                let _ = waiter.send(Err(DbError::Batch(message.clone())));
+                            }
+                        }
+                    }
+                    drop(slot);
+                });
+            }
+        });
+        Batcher { calls }
+    }
+
+    /// Submits one call and waits for its answer.
+    pub async fn call(&self, request: Req) -> Result<Resp, DbError> {
+        let (waiter, answer) = oneshot::channel();
+        self.calls
+            .send((request, waiter))
+            .await
+            .map_err(|_| DbError::Batch("the batch writer stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| DbError::Batch("the batch writer dropped the call".into()))?
+    }
+}

@@ -1,0 +1,498 @@
+//! The `tasks` table: migrations and every query Tareas runs against it.
+//!
+//! Writes are idempotent by `task_id`, and a row in a terminal state
+//! (`succeeded`, `failed`) is never changed again: that is what makes a
+//! redelivered message harmless.
+//!
+//! The hot writes (recording a submission, claiming, finishing) go through
+//! [`batch::Batcher`]s: concurrent calls share one statement and one commit.
+
+mod batch;
+
+use std::time::Duration;
+
+use deadpool_postgres::{ManagerConfig, Pool, PoolConfig, RecyclingMethod, Runtime, Timeouts};
+use serde_json::Value;
+use tokio_postgres::NoTls;
+
+use self::batch::Batcher;
+use crate::task::{TaskMessage, TaskState};
+
+/// Most rows in one batched statement.
+const MAX_BATCH: usize = 256;
+
+/// The migrations, in order. Each runs once per database, inside one
+/// transaction holding an advisory lock, so processes starting together
+/// do not race.
+const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../migrations/0001_tasks.sql"))];
+
+/// Key of the advisory lock held while migrating.
+const MIGRATION_LOCK: i64 = 0x7461_7265_6173;
+
+/// A database failure.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("PostgreSQL connection unavailable: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("PostgreSQL query failed: {0}")]
+    Query(#[from] tokio_postgres::Error),
+    #[error("invalid DATABASE_URL: {0}")]
+    Config(String),
+    #[error("PostgreSQL batch write failed: {0}")]
+    Batch(String),
+    #[error("row for task {task_id} holds unknown state {state:?}")]
+    Corrupt { task_id: String, state: String },
+}
+
+/// What a task's row says, as a status request needs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskRecord {
+    pub state: TaskState,
+    pub result: Option<Value>,
+    pub error: Option<String>,
+    pub worker_id: Option<String>,
+    pub duration_ms: Option<u64>,
+}
+
+/// What became of a submission.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Submission {
+    /// A new row, state `queued`.
+    New,
+    /// The task id was already known; its row as it stands.
+    Existing(TaskRecord),
+}
+
+/// What a worker may do with a delivered task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// It is this worker's to run: the row now says `running`; this is
+    /// run number `attempt` (1-based).
+    Started { attempt: u32 },
+    /// Another delivery of the same task is running it: nothing to do.
+    RunningElsewhere,
+    /// It finished before: only make sure its result is stored and reported.
+    Finished,
+}
+
+/// How a task ended, as the worker records it.
+#[derive(Debug, Clone)]
+pub struct Finish {
+    pub task_id: String,
+    pub state: TaskState,
+    pub result: Option<Value>,
+    pub error: Option<String>,
+    pub worker_id: String,
+    pub duration_ms: u64,
+}
+
+/// A claim, as the batch writer takes it.
+struct ClaimCall {
+    task: TaskMessage,
+    worker_id: String,
+    redelivered: bool,
+}
+
+/// A pool of PostgreSQL connections and the batch writers on it; cheap to clone.
+#[derive(Clone)]
+pub struct Db {
+    pool: Pool,
+    submissions: Batcher<TaskMessage, Submission>,
+    claims: Batcher<ClaimCall, Claim>,
+    finishes: Batcher<Finish, Value>,
+}
+
+impl Db {
+    /// A pool of at most `max_size` connections, connecting lazily, with
+    /// batch writers using up to half of them. Call within a tokio runtime.
+    pub fn new(url: &str, max_size: usize) -> Result<Db, DbError> {
+        let mut config = deadpool_postgres::Config::new();
+        config.url = Some(url.to_owned());
+        config.connect_timeout = Some(Duration::from_secs(3));
+        config.manager = Some(ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        });
+        let mut pool = PoolConfig::new(max_size.max(1));
+        pool.timeouts = Timeouts {
+            wait: Some(Duration::from_secs(5)),
+            create: Some(Duration::from_secs(5)),
+            recycle: Some(Duration::from_secs(5)),
+        };
+        config.pool = Some(pool);
+        let pool = config
+            .create_pool(Some(Runtime::Tokio1), NoTls)
+            .map_err(|err| DbError::Config(err.to_string()))?;
+        let parallel = (max_size / 2).clamp(1, 4);
+        let submissions = {
+            let pool = pool.clone();
+            Batcher::spawn(MAX_BATCH, parallel, move |tasks| {
+                insert_queued_batch(pool.clone(), tasks)
+            })
+        };
+        let claims = {
+            let pool = pool.clone();
+            Batcher::spawn(MAX_BATCH, parallel, move |calls| {
+                claim_batch(pool.clone(), calls)
+            })
+        };
+        let finishes = {
+            let pool = pool.clone();
+            Batcher::spawn(MAX_BATCH, parallel, move |finishes| {
+                finish_batch(pool.clone(), finishes)
+            })
+        };
+        Ok(Db {
+            pool,
+            submissions,
+            claims,
+            finishes,
+        })
+    }
+
+    /// Applies the migrations that this database has not seen yet.
+    pub async fn migrate(&self) -> Result<(), DbError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS tareas_migrations (
+                 version integer PRIMARY KEY,
+                 applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await?;
+        for (version, sql) in MIGRATIONS {
+            let applied = tx
+                .query_opt(
+                    "SELECT 1 FROM tareas_migrations WHERE version = $1",
+                    &[version],
+                )
+                .await?;
+            if applied.is_none() {
+                tx.batch_execute(sql).await?;
+                tx.execute(
+                    "INSERT INTO tareas_migrations (version) VALUES ($1)",
+                    &[version],
+                )
+                .await?;
+                tracing::info!(version, "applied database migration");
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Records a submitted task as `queued`, unless its id is known already.
+    pub async fn insert_queued(&self, task: &TaskMessage) -> Result<Submission, DbError> {
+        self.submissions.call(task.clone()).await
+    }
+
+    /// The row of `task_id`, if there is one.
+    pub async fn status(&self, task_id: &str) -> Result<Option<TaskRecord>, DbError> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_opt(
+                "SELECT state, result, error, worker_id, duration_ms FROM tasks WHERE task_id = $1",
+                &[&task_id],
+            )
+            .await?;
+        row.map(|row| record(task_id, &row)).transpose()
+    }
+
+    /// Claims a delivered task for `worker_id`, marking it `running`
+    /// (creating its row if a publisher other than the distribuidor sent it).
+    ///
+    /// A first delivery (`redelivered == false`) only claims a `queued`
+    /// task: finding it `running` means a duplicate message whose twin is
+    /// being run right now. A redelivery also takes over a `running` task,
+    /// whose previous worker died or let go of it.
+    pub async fn claim(
+        &self,
+        task: &TaskMessage,
+        worker_id: &str,
+        redelivered: bool,
+    ) -> Result<Claim, DbError> {
+        self.claims
+            .call(ClaimCall {
+                task: task.clone(),
+                worker_id: worker_id.to_owned(),
+                redelivered,
+            })
+            .await
+    }
+
+    /// Puts a task this worker was running back to `queued` after a
+    /// transient failure, keeping the error, before it waits for a retry.
+    pub async fn retry_later(
+        &self,
+        task_id: &str,
+        worker_id: &str,
+        error: &str,
+    ) -> Result<(), DbError> {
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "UPDATE tasks SET state = 'queued', error = $3
+                 WHERE task_id = $1 AND state = 'running' AND worker_id = $2",
+                &[&task_id, &worker_id, &error],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Gives back a task this worker claimed but did not finish (shutdown,
+    /// lost connection): `queued` again, and the run does not count.
+    pub async fn release(&self, task_id: &str, worker_id: &str) -> Result<(), DbError> {
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "UPDATE tasks SET state = 'queued', attempts = GREATEST(attempts - 1, 0)
+                 WHERE task_id = $1 AND state = 'running' AND worker_id = $2",
+                &[&task_id, &worker_id],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Makes a `failed` task runnable again, for an operator's replay from
+    /// the dead-letter queue: the one deliberate exit from a terminal state.
+    /// Returns whether the row was reset.
+    pub async fn reset_for_replay(&self, task_id: &str) -> Result<bool, DbError> {
+        let client = self.pool.get().await?;
+        let changed = client
+            .execute(
+                "UPDATE tasks SET state = 'queued', attempts = 0, result = NULL, error = NULL,
+                                  worker_id = NULL, duration_ms = NULL, started_at = NULL, finished_at = NULL
+                 WHERE task_id = $1 AND state = 'failed'",
+                &[&task_id],
+            )
+            .await?;
+        Ok(changed == 1)
+    }
+
+    /// Records how a task ended, unless it had ended already, and returns
+    /// the row as a JSON document: the first finish wins, and every later
+    /// call returns the same document.
+    pub async fn finish(&self, finish: Finish) -> Result<Value, DbError> {
+        self.finishes.call(finish).await
+    }
+
+    /// The whole row of `task_id` as a JSON document (what S3 stores).
+    pub async fn document(&self, task_id: &str) -> Result<Option<Value>, DbError> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_opt(
+                "SELECT to_jsonb(tasks) FROM tasks WHERE task_id = $1",
+                &[&task_id],
+            )
+            .await?;
+        Ok(match row {
+            Some(row) => Some(row.try_get(0)?),
+            None => None,
+        })
+    }
+}
+
+/// One statement for many submissions; ids already known are looked up.
+async fn insert_queued_batch(
+    pool: Pool,
+    tasks: Vec<TaskMessage>,
+) -> Result<Vec<Result<Submission, DbError>>, DbError> {
+    let client = pool.get().await?;
+    let ids: Vec<&str> = tasks.iter().map(|t| t.task_id.as_str()).collect();
+    let types: Vec<&str> = tasks.iter().map(|t| t.task_type.as_str()).collect();
+    let payloads: Vec<&Value> = tasks.iter().map(|t| &t.payload).collect();
+    let rows = client
+        .query(
+            "INSERT INTO tasks (task_id, task_type, payload, state)
+             SELECT id, task_type, payload, 'queued' FROM UNNEST($1::text[], $2::text[], $3::jsonb[]) AS u(id, task_type, payload)
+             ON CONFLICT (task_id) DO NOTHING
+             RETURNING task_id",
+            &[&ids, &types, &payloads],
+        )
+        .await?;
+    let mut inserted: std::collections::HashSet<String> =
+        rows.iter().map(|row| row.get::<_, String>(0)).collect();
+    let mut answers = Vec::with_capacity(tasks.len());
+    for task in &tasks {
+        // The first call for an id gets the new row; a repeat sees it as existing.
+        if inserted.remove(task.task_id.as_str()) {
+            answers.push(Ok(Submission::New));
+            continue;
+        }
+        let row = client
+            .query_opt(
+                "SELECT state, result, error, worker_id, duration_ms FROM tasks WHERE task_id = $1",
+                &[&task.task_id.as_str()],
+            )
+            .await?;
+        answers.push(match row {
+            Some(row) => record(task.task_id.as_str(), &row).map(Submission::Existing),
+            None => Ok(Submission::New),
+        });
+    }
+    Ok(answers)
+}
+
+/// One statement per kind of delivery for many claims; ids already taken or
+/// repeated within the batch are looked up.
+async fn claim_batch(
+    pool: Pool,
+    calls: Vec<ClaimCall>,
+) -> Result<Vec<Result<Claim, DbError>>, DbError> {
+    let client = pool.get().await?;
+    let mut answers: Vec<Option<Result<Claim, DbError>>> = calls.iter().map(|_| None).collect();
+    for redelivered in [false, true] {
+        let mut seen = std::collections::HashSet::new();
+        // ON CONFLICT DO UPDATE may touch a row once per statement: repeats wait.
+        let group: Vec<usize> = (0..calls.len())
+            .filter(|&i| {
+                calls[i].redelivered == redelivered && seen.insert(calls[i].task.task_id.as_str())
+            })
+            .collect();
+        if group.is_empty() {
+            continue;
+        }
+        let ids: Vec<&str> = group
+            .iter()
+            .map(|&i| calls[i].task.task_id.as_str())
+            .collect();
+        let types: Vec<&str> = group
+            .iter()
+            .map(|&i| calls[i].task.task_type.as_str())
+            .collect();
+        let payloads: Vec<&Value> = group.iter().map(|&i| &calls[i].task.payload).collect();
+        let workers: Vec<&str> = group.iter().map(|&i| calls[i].worker_id.as_str()).collect();
+        let claimable = if redelivered {
+            vec!["queued", "running"]
+        } else {
+            vec!["queued"]
+        };
+        let rows = client
+            .query(
+                "INSERT INTO tasks (task_id, task_type, payload, state, worker_id, attempts, started_at)
+                 SELECT id, task_type, payload, 'running', worker_id, 1, now()
+                 FROM UNNEST($1::text[], $2::text[], $3::jsonb[], $4::text[]) AS u(id, task_type, payload, worker_id)
+                 ON CONFLICT (task_id) DO UPDATE
+                 SET state = 'running', worker_id = EXCLUDED.worker_id,
+                     attempts = tasks.attempts + 1, started_at = now()
+                 WHERE tasks.state = ANY($5)
+                 RETURNING task_id, attempts",
+                &[&ids, &types, &payloads, &workers, &claimable],
+            )
+            .await?;
+        for row in rows {
+            let id: String = row.try_get(0)?;
+            let attempt: i32 = row.try_get(1)?;
+            if let Some(&i) = group
+                .iter()
+                .find(|&&i| calls[i].task.task_id.as_str() == id)
+            {
+                answers[i] = Some(Ok(Claim::Started {
+                    attempt: u32::try_from(attempt).unwrap_or(1),
+                }));
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(calls.len());
+    for (call, answer) in calls.iter().zip(answers) {
+        if let Some(answer) = answer {
+            out.push(answer);
+            continue;
+        }
+        let state: Option<String> = client
+            .query_opt(
+                "SELECT state FROM tasks WHERE task_id = $1",
+                &[&call.task.task_id.as_str()],
+            )
+            .await?
+            .map(|row| row.get(0));
+        let terminal = state
+            .and_then(|s| s.parse::<TaskState>().ok())
+            .is_some_and(TaskState::is_terminal);
+        out.push(Ok(if terminal {
+            Claim::Finished
+        } else {
+            Claim::RunningElsewhere
+        }));
+    }
+    Ok(out)
+}
+
+/// One statement for many finishes; rows finished before are read back.
+async fn finish_batch(
+    pool: Pool,
+    finishes: Vec<Finish>,
+) -> Result<Vec<Result<Value, DbError>>, DbError> {
+    let client = pool.get().await?;
+    let ids: Vec<&str> = finishes.iter().map(|f| f.task_id.as_str()).collect();
+    let states: Vec<&str> = finishes.iter().map(|f| f.state.as_str()).collect();
+    let results: Vec<Option<&Value>> = finishes.iter().map(|f| f.result.as_ref()).collect();
+    let errors: Vec<Option<&str>> = finishes.iter().map(|f| f.error.as_deref()).collect();
+    let workers: Vec<&str> = finishes.iter().map(|f| f.worker_id.as_str()).collect();
+    let durations: Vec<i64> = finishes
+        .iter()
+        .map(|f| i64::try_from(f.duration_ms).unwrap_or(i64::MAX))
+        .collect();
+    let rows = client
+        .query(
+            "WITH input AS (
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::jsonb[], $4::text[], $5::text[], $6::int8[])
+                 AS u(task_id, state, result, error, worker_id, duration_ms)),
+             done AS (
+                 UPDATE tasks SET state = input.state, result = input.result, error = input.error,
+                                  worker_id = input.worker_id, duration_ms = input.duration_ms, finished_at = now()
+                 FROM input
+                 WHERE tasks.task_id = input.task_id AND tasks.state IN ('queued', 'running')
+                 RETURNING tasks.*)
+             SELECT task_id, to_jsonb(done) FROM done",
+            &[&ids, &states, &results, &errors, &workers, &durations],
+        )
+        .await?;
+    let mut documents: std::collections::HashMap<String, Value> = rows
+        .iter()
+        .map(|row| (row.get::<_, String>(0), row.get::<_, Value>(1)))
+        .collect();
+    let missing: Vec<&str> = ids
+        .iter()
+        .copied()
+        .filter(|id| !documents.contains_key(*id))
+        .collect();
+    if !missing.is_empty() {
+        for row in client
+            .query(
+                "SELECT task_id, to_jsonb(tasks) FROM tasks WHERE task_id = ANY($1)",
+                &[&missing],
+            )
+            .await?
+        {
+            documents.insert(row.get(0), row.get(1));
+        }
+    }
+    Ok(ids
+        .iter()
+        .map(|id| {
+            documents
+                .get(*id)
+                .cloned()
+                .ok_or_else(|| DbError::Batch(format!("task {id} has no row to finish")))
+        })
+        .collect())
+}
+
+/// A status row as a [`TaskRecord`].
+fn record(task_id: &str, row: &tokio_postgres::Row) -> Result<TaskRecord, DbError> {
+    let state: String = row.try_get(0)?;
+    let state = state.parse().map_err(|_| DbError::Corrupt {
+        task_id: task_id.to_owned(),
+        state: state.clone(),
+    })?;
+    let duration_ms: Option<i64> = row.try_get(4)?;
+    Ok(TaskRecord {
+        state,
+        result: row.try_get(1)?,
+        error: row.try_get(2)?,
+        worker_id: row.try_get(3)?,
+        duration_ms: duration_ms.and_then(|ms| u64::try_from(ms).ok()),
+    })
+}
