@@ -3,6 +3,8 @@
 //! in their own binary, one at a time, after every other test
 //! (`scripts/test`), and always bring the service back, even on failure.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 #[path = "util.rs"]
 mod util;
 

@@ -1,6 +1,8 @@
 //! End-to-end tests: the real distribuidor and workers, in-process, against
 //! the real RabbitMQ, PostgreSQL and S3 server (`scripts/services`).
 
+#![allow(clippy::unwrap_used)] // tests fail loudly by design
+
 mod bad_input;
 mod bench_smoke;
 mod deployment;

@@ -69,13 +69,16 @@ impl std::error::Error for TaskError {}
 /// What a handler returns.
 pub type TaskResult = Result<Value, TaskError>;
 
+/// A boxed async handler.
+pub type AsyncHandler = Arc<dyn Fn(Value) -> Pin<Box<dyn Future<Output = TaskResult> + Send>> + Send + Sync>;
+
 /// How a registered handler runs.
 #[derive(Clone)]
 pub enum Handler {
     /// Runs on tokio's blocking pool: CPU-bound or blocking code.
     Blocking(Arc<dyn Fn(Value) -> TaskResult + Send + Sync>),
     /// Runs as a tokio task: async I/O.
-    Async(Arc<dyn Fn(Value) -> Pin<Box<dyn Future<Output = TaskResult> + Send>> + Send + Sync>),
+    Async(AsyncHandler),
 }
 
 /// task_type → handler.
