@@ -81,7 +81,7 @@ pub async fn run(addr: &str, args: &BenchArgs, limit: Duration) -> anyhow::Resul
         acked_ids: Mutex::new(Vec::new()),
     });
     // Pacing: one permit per task at `rate` per second, shared by all connections.
-    let pacer = args.rate.map(|rate| spawn_pacer(rate, args.tasks));
+    let pacer = args.rate.map(spawn_pacer);
     let mut handles = Vec::new();
     for connection in 0..connections {
         let count = args.tasks / connections + usize::from(connection < args.tasks % connections);
@@ -152,18 +152,22 @@ fn progress_bar(args: &BenchArgs) -> ProgressBar {
     bar
 }
 
-fn spawn_pacer(rate: f64, tasks: usize) -> Arc<Semaphore> {
+/// Releases one permit per task at `rate` per second, for as long as the
+/// run lasts (resent tasks need permits too).
+fn spawn_pacer(rate: f64) -> Arc<Semaphore> {
     let permits = Arc::new(Semaphore::new(0));
-    let feed = permits.clone();
+    let feed = Arc::downgrade(&permits);
     tokio::spawn(async move {
         let start = Instant::now();
         let mut released = 0usize;
-        while released < tasks {
-            let due = ((start.elapsed().as_secs_f64() * rate) as usize).min(tasks);
+        loop {
+            let Some(feed) = feed.upgrade() else { return };
+            let due = (start.elapsed().as_secs_f64() * rate) as usize;
             if due > released {
                 feed.add_permits(due - released);
                 released = due;
             }
+            drop(feed);
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     });
