@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 
 /// A client connection.
 pub struct Client {
-    lines: Lines<BufReader<OwnedReadHalf>>,
+    reader: ReplyReader,
     writer: OwnedWriteHalf,
 }
 
@@ -23,7 +23,9 @@ impl Client {
         stream.set_nodelay(true)?;
         let (reader, writer) = stream.into_split();
         Ok(Client {
-            lines: BufReader::new(reader).lines(),
+            reader: ReplyReader {
+                lines: BufReader::new(reader).lines(),
+            },
             writer,
         })
     }
@@ -51,17 +53,7 @@ impl Client {
 
     /// The next reply; `None` when the distribuidor closed the connection.
     pub async fn recv(&mut self) -> anyhow::Result<Option<Reply>> {
-        let Some(line) = self
-            .lines
-            .next_line()
-            .await
-            .context("reading from the distribuidor")?
-        else {
-            return Ok(None);
-        };
-        let reply = serde_json::from_str(&line)
-            .with_context(|| format!("unreadable reply from the distribuidor: {line}"))?;
-        Ok(Some(reply))
+        self.reader.recv().await
     }
 
     /// The next reply within `limit`; an error on timeout or closed connection.
@@ -79,7 +71,7 @@ impl Client {
             RequestWriter {
                 writer: BufWriter::new(self.writer),
             },
-            ReplyReader { lines: self.lines },
+            self.reader,
         )
     }
 

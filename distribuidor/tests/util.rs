@@ -68,31 +68,32 @@ impl Deployment {
 
     /// Starts a distribuidor on 127.0.0.1:0 and waits until it is ready.
     pub async fn start_distribuidor(&mut self, config: Config) -> RunningDistribuidor {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind 127.0.0.1:0");
-        let addr = listener.local_addr().expect("local addr");
-        let distribuidor =
-            Distribuidor::start(config, self.shutdown.clone()).expect("distribuidor config");
-        tokio::time::timeout(LIMIT, distribuidor.ready())
-            .await
-            .unwrap_or_else(|_| {
-                panic!("distribuidor not ready within {LIMIT:?}; {START_SERVICES}")
-            });
-        let shutdown = self.shutdown.clone();
-        self.handles
-            .push(tokio::spawn(distribuidor.serve(listener, shutdown)));
-        RunningDistribuidor { addr }
+        self.spawn_distribuidor(config, true).await
     }
 
     /// Starts a distribuidor without waiting for its dependencies.
     pub async fn start_distribuidor_unready(&mut self, config: Config) -> RunningDistribuidor {
+        self.spawn_distribuidor(config, false).await
+    }
+
+    async fn spawn_distribuidor(
+        &mut self,
+        config: Config,
+        wait_ready: bool,
+    ) -> RunningDistribuidor {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local addr");
         let distribuidor =
             Distribuidor::start(config, self.shutdown.clone()).expect("distribuidor config");
+        if wait_ready {
+            tokio::time::timeout(LIMIT, distribuidor.ready())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("distribuidor not ready within {LIMIT:?}; {START_SERVICES}")
+                });
+        }
         let shutdown = self.shutdown.clone();
         self.handles
             .push(tokio::spawn(distribuidor.serve(listener, shutdown)));

@@ -91,13 +91,7 @@ pub async fn process(
                     Ok(()) => delivery.ack(BasicAckOptions::default()).await,
                     Err(err) => {
                         tracing::warn!(task_id = %task_id, cause = %err, "cannot schedule the retry; handing the task back");
-                        release(&ctx, &task).await;
-                        delivery
-                            .nack(BasicNackOptions {
-                                requeue: true,
-                                ..BasicNackOptions::default()
-                            })
-                            .await
+                        hand_back(&ctx, &task, &delivery).await
                     }
                 }
             }
@@ -107,13 +101,7 @@ pub async fn process(
             }
             Handled::Abandoned => {
                 tracing::info!(task_id = %task_id, "handing the task back to RabbitMQ");
-                release(&ctx, &task).await;
-                delivery
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..BasicNackOptions::default()
-                    })
-                    .await
+                hand_back(&ctx, &task, &delivery).await
             }
         }
     };
@@ -283,6 +271,20 @@ async fn publish_retry(
         return Err(format!("RabbitMQ did not accept the message into {queue}"));
     }
     Ok(())
+}
+
+/// Releases the claim and returns the message to the queue.
+async fn hand_back(
+    ctx: &Context,
+    task: &TaskMessage,
+    delivery: &Delivery,
+) -> Result<bool, lapin::Error> {
+    release(ctx, task).await;
+    let requeue = BasicNackOptions {
+        requeue: true,
+        ..BasicNackOptions::default()
+    };
+    delivery.nack(requeue).await
 }
 
 /// Best effort: the claim does not count when the task is handed back.

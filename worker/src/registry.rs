@@ -70,7 +70,8 @@ impl std::error::Error for TaskError {}
 pub type TaskResult = Result<Value, TaskError>;
 
 /// A boxed async handler.
-pub type AsyncHandler = Arc<dyn Fn(Value) -> Pin<Box<dyn Future<Output = TaskResult> + Send>> + Send + Sync>;
+pub type AsyncHandler =
+    Arc<dyn Fn(Value) -> Pin<Box<dyn Future<Output = TaskResult> + Send>> + Send + Sync>;
 
 /// How a registered handler runs.
 #[derive(Clone)]
