@@ -36,6 +36,9 @@ pub use crate::registry::{Registry, TaskError};
 use crate::retry::RetryPolicy;
 use crate::store::s3::S3Store;
 
+/// RabbitMQ's default `consumer_timeout` (3.10 and later), in seconds.
+const RABBITMQ_DEFAULT_CONSUMER_TIMEOUT_SECS: u64 = 30 * 60;
+
 /// A worker ready to run.
 pub struct Worker {
     context: consumer::Context,
@@ -46,6 +49,13 @@ impl Worker {
     /// configuration errors; dependencies are connected by [`Worker::run`].
     pub fn new(config: &WorkerConfig, registry: Registry) -> anyhow::Result<Worker> {
         let concurrency = config.concurrency();
+        if config.task_time_limit_secs > RABBITMQ_DEFAULT_CONSUMER_TIMEOUT_SECS {
+            tracing::warn!(
+                task_time_limit_secs = config.task_time_limit_secs,
+                "the task time limit exceeds RabbitMQ's default consumer timeout (30 min); raise \
+                 consumer_timeout in rabbitmq.conf above it (deploy/rabbitmq.conf sets 1 h)"
+            );
+        }
         let context = consumer::Context {
             registry,
             amqp_url: config.broker.amqp_url.clone(),
