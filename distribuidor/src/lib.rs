@@ -37,6 +37,8 @@ pub struct Distribuidor {
     config: Config,
     /// Becomes `true` once the database schema is in place.
     migrated: watch::Receiver<bool>,
+    /// Closes the RabbitMQ link, once the connections have drained.
+    broker_stop: CancellationToken,
 }
 
 impl Distribuidor {
@@ -45,11 +47,15 @@ impl Distribuidor {
     pub fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Distribuidor> {
         let db = Db::new(&config.database.database_url, config.limits.db_pool_size)?;
         let router = Arc::new(Router::new());
+        // The broker link outlives the shutdown signal: requests in progress
+        // when it fires still need their publishes confirmed. `serve` closes
+        // it after the last connection has drained.
+        let broker_stop = CancellationToken::new();
         let broker = Broker::start(
             config.broker.amqp_url.clone(),
             Topology::new(config.broker.queue.clone()),
             router.clone(),
-            shutdown.clone(),
+            broker_stop.clone(),
         );
         let (migrated_tx, migrated) = watch::channel(false);
         let migrating = db.clone();
@@ -78,6 +84,7 @@ impl Distribuidor {
             shared,
             config,
             migrated,
+            broker_stop,
         })
     }
 
@@ -88,8 +95,10 @@ impl Distribuidor {
         let _ = migrated.wait_for(|done| *done).await;
     }
 
-    /// Serves clients on `listener` until `shutdown`, then drains.
+    /// Serves clients on `listener` until `shutdown`, then drains, then
+    /// closes the RabbitMQ link.
     pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) {
         server::run(listener, self.shared, self.config.limits, shutdown).await;
+        self.broker_stop.cancel();
     }
 }

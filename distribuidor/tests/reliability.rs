@@ -359,3 +359,65 @@ async fn an_operator_lists_and_replays_the_dead_letter_queue() {
     );
     deployment.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_the_distribuidor() {
+    let deployment = Deployment::new().await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let distribuidor =
+        tareas_distribuidor::Distribuidor::start(deployment.distribuidor_config(), stop.clone())
+            .unwrap();
+    tokio::time::timeout(LIMIT, distribuidor.ready())
+        .await
+        .expect("ready");
+    let serving = tokio::spawn(distribuidor.serve(listener, stop.clone()));
+    let mut client = cliente::Client::connect(&addr).await.unwrap();
+    for _ in 0..50 {
+        let request = TaskRequest {
+            notify: Some(false),
+            ..task("hash", json!({"text": "drain"}))
+        };
+        client.send(&Request::Task(request)).await.unwrap();
+    }
+    // The first reply proves requests are in progress; then SIGTERM.
+    let mut acked = Vec::new();
+    if let Reply::Ack { task_id, .. } = next(&mut client).await {
+        acked.push(task_id.to_string());
+    }
+    stop.cancel();
+    // Requests in progress are answered, then the connection closes.
+    loop {
+        match tokio::time::timeout(LIMIT, client.recv())
+            .await
+            .expect("closed in time")
+        {
+            Ok(Some(Reply::Ack { task_id, .. })) => acked.push(task_id.to_string()),
+            Ok(Some(other)) => panic!("expected only acks while draining, got {other:?}"),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    tokio::time::timeout(LIMIT, serving)
+        .await
+        .expect("the server stopped")
+        .unwrap();
+    assert!(
+        cliente::Client::connect(&addr).await.is_err(),
+        "no new connections after shutdown"
+    );
+    let db = util::db();
+    for id in &acked {
+        assert!(
+            db.status(id).await.unwrap().is_some(),
+            "acked task {id} was recorded"
+        );
+    }
+    let queued = drain_queue(&deployment.queue).await.len();
+    assert_eq!(
+        queued,
+        acked.len(),
+        "every acked task, and only those, is in the queue"
+    );
+    deployment.stop().await;
+}
