@@ -109,6 +109,7 @@ impl Shared {
         if recorded.is_ok() {
             POSTGRES.succeeded();
         }
+        let is_new = matches!(recorded, Ok(Submission::New));
         let must_publish = match recorded {
             Ok(Submission::New) => true,
             Ok(Submission::Existing(record)) if record.state.is_terminal() => {
@@ -135,6 +136,16 @@ impl Shared {
                     tracing::warn!(task_id = %task_id, cause = %err, "publish failed; the client gets `unavailable`");
                 }
                 self.router.unsubscribe(&task_id, connection);
+                // Certainly not queued: do not leave a `queued` row behind.
+                let refused = matches!(
+                    err,
+                    PublishError::Disconnected | PublishError::Nacked | PublishError::Unroutable(_)
+                );
+                if is_new && refused {
+                    if let Err(err) = self.db.forget_unpublished(task_id.as_str()).await {
+                        tracing::debug!(task_id = %task_id, cause = %err, "could not remove the unpublished row");
+                    }
+                }
                 return unavailable(format!("broker unavailable ({err})"));
             }
         }

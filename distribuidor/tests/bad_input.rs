@@ -157,6 +157,12 @@ async fn broker_down_means_unavailable_never_a_false_ack() {
     client.send(&Request::Task(request.clone())).await.unwrap();
     let reply = next(&mut client).await;
     assert_eq!(code(&reply), ErrorCode::Unavailable, "{reply:?}");
+    let id = request.task_id.unwrap();
+    assert_eq!(
+        crate::util::db().status(&id).await.unwrap(),
+        None,
+        "no row is left for a task that was not accepted"
+    );
     deployment.stop().await;
 }
 

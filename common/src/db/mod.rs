@@ -240,6 +240,19 @@ impl Db {
         Ok(())
     }
 
+    /// Removes the row of a submission that RabbitMQ certainly did not take
+    /// (the client got `unavailable`), so no `queued` row outlives it.
+    pub async fn forget_unpublished(&self, task_id: &str) -> Result<(), DbError> {
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "DELETE FROM tasks WHERE task_id = $1 AND state = 'queued' AND attempts = 0",
+                &[&task_id],
+            )
+            .await?;
+        Ok(())
+    }
+
     /// Gives back a task this worker claimed but did not finish (shutdown,
     /// lost connection): `queued` again, and the run does not count.
     pub async fn release(&self, task_id: &str, worker_id: &str) -> Result<(), DbError> {
