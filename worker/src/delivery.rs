@@ -121,6 +121,7 @@ async fn handle(
     abandon: &tokio_util::sync::CancellationToken,
 ) -> Handled {
     let task_id = task.task_id.as_str();
+    let started = std::time::Instant::now();
     let Some(claim) = retry_until_ok(&POSTGRES, abandon, || {
         ctx.db.claim(task, &ctx.worker_id, redelivered)
     })
@@ -189,6 +190,7 @@ async fn handle(
             }
         }
     };
+    let stored_in_postgres = started.elapsed();
     let bytes = serde_json::to_vec(&document).unwrap_or_default();
     if retry_until_ok(&S3, abandon, || ctx.s3.put_result(task_id, bytes.clone()))
         .await
@@ -196,6 +198,12 @@ async fn handle(
     {
         return Handled::Abandoned;
     }
+    tracing::debug!(
+        task_id,
+        until_postgres_ms = stored_in_postgres.as_secs_f64() * 1e3,
+        s3_ms = (started.elapsed() - stored_in_postgres).as_secs_f64() * 1e3,
+        "result stored"
+    );
     match report_from_document(task, &document) {
         Some(report) => Handled::Stored {
             report,
