@@ -129,6 +129,8 @@ async fn handle(
     else {
         return Handled::Abandoned;
     };
+    let claimed = started.elapsed();
+    let mut ran = Duration::ZERO;
     let (document, dead_letter) = match claim {
         Claim::RunningElsewhere => return Handled::Duplicate,
         Claim::Finished => {
@@ -146,6 +148,7 @@ async fn handle(
                     () = abandon.cancelled() => return Handled::Abandoned,
                     outcome = executor::execute(&ctx.registry, task, ctx.task_time_limit) => outcome,
                 };
+                ran = outcome.duration;
                 match (&outcome.error, outcome.retryable) {
                     (Some(error), true) if ctx.retry.should_retry(attempt) => {
                         tracing::info!(task_id, attempt, %error, "task failed; will retry");
@@ -200,6 +203,8 @@ async fn handle(
     }
     tracing::debug!(
         task_id,
+        claim_ms = claimed.as_secs_f64() * 1e3,
+        run_ms = ran.as_secs_f64() * 1e3,
         until_postgres_ms = stored_in_postgres.as_secs_f64() * 1e3,
         s3_ms = (started.elapsed() - stored_in_postgres).as_secs_f64() * 1e3,
         "result stored"
