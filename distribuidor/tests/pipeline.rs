@@ -175,7 +175,7 @@ async fn status_goes_through_every_state() {
     let too_slow = submit_ok(&mut client, task("sleep", json!({"ms": 5000}))).await;
 
     let mut config = deployment.worker_config("w-status", 2);
-    config.task_time_limit_secs = 3;
+    config.task_time_limits = vec!["sleep=3".parse().unwrap()];
     deployment.start_worker(config);
     let mut observer = distribuidor.client().await;
     wait_for_status(&mut observer, &slow, |r| {

@@ -21,9 +21,13 @@ pub struct WorkerConfig {
     /// Default: `<hostname>-<pid>`.
     #[arg(long, env = "WORKER_ID")]
     pub worker_id: Option<String>,
-    /// Seconds a task may run before it is failed with a time-limit error.
+    /// Seconds a task may run before it is failed with a time-limit error
+    /// (the default for every task type).
     #[arg(long, env = "TAREAS_TASK_TIME_LIMIT_SECS", default_value_t = 300)]
     pub task_time_limit_secs: u64,
+    /// Per-type time limits that override the default, e.g. `compute=900,sleep=70`.
+    #[arg(long, env = "TAREAS_TASK_TIME_LIMITS", value_delimiter = ',')]
+    pub task_time_limits: Vec<crate::time_limits::Override>,
     /// Runs of a task in all; a transient failure on the last one fails the
     /// task and moves its message to the dead-letter queue.
     #[arg(long, env = "TAREAS_MAX_ATTEMPTS", default_value_t = 5)]
@@ -61,6 +65,18 @@ impl WorkerConfig {
         self.concurrency
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, usize::from))
             .max(1)
+    }
+
+    /// The time limit of every task type.
+    pub fn time_limits(&self) -> crate::time_limits::TimeLimits {
+        crate::time_limits::TimeLimits {
+            default: std::time::Duration::from_secs(self.task_time_limit_secs),
+            overrides: self
+                .task_time_limits
+                .iter()
+                .map(|o| (o.task_type.clone(), o.limit))
+                .collect(),
+        }
     }
 
     pub fn worker_id(&self) -> String {

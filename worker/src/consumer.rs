@@ -39,7 +39,7 @@ pub struct Context {
     pub topology: Topology,
     pub worker_id: String,
     pub concurrency: usize,
-    pub task_time_limit: Duration,
+    pub time_limits: crate::time_limits::TimeLimits,
     pub retry: RetryPolicy,
     pub drain_limit: Duration,
     /// Touched while consuming; see [`crate::health`].

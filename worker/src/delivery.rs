@@ -146,7 +146,7 @@ async fn handle(
             } else {
                 let outcome = tokio::select! {
                     () = abandon.cancelled() => return Handled::Abandoned,
-                    outcome = executor::execute(&ctx.registry, task, ctx.task_time_limit) => outcome,
+                    outcome = executor::execute(&ctx.registry, task, ctx.time_limits.for_type(&task.task_type)) => outcome,
                 };
                 ran = outcome.duration;
                 match (&outcome.error, outcome.retryable) {

@@ -11,6 +11,7 @@
 //! - [`consumer`]: the RabbitMQ session: prefetch, reconnects, drain on shutdown.
 //! - [`delivery`]: one delivery to its ack: claim, run, retry, store, reply, dead-letter.
 //! - [`retry`]: the retry policy: attempts, exponential backoff, jitter.
+//! - [`time_limits`]: the time limit of each task type.
 //! - [`store`]: the S3 side of persistence (PostgreSQL is `tareas_common::db`).
 
 pub mod builtins;
@@ -22,6 +23,7 @@ pub mod health;
 pub mod registry;
 pub mod retry;
 pub mod store;
+pub mod time_limits;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,9 +51,10 @@ impl Worker {
     /// configuration errors; dependencies are connected by [`Worker::run`].
     pub fn new(config: &WorkerConfig, registry: Registry) -> anyhow::Result<Worker> {
         let concurrency = config.concurrency();
-        if config.task_time_limit_secs > RABBITMQ_DEFAULT_CONSUMER_TIMEOUT_SECS {
+        let time_limits = config.time_limits();
+        if time_limits.longest().as_secs() > RABBITMQ_DEFAULT_CONSUMER_TIMEOUT_SECS {
             tracing::warn!(
-                task_time_limit_secs = config.task_time_limit_secs,
+                longest_time_limit_secs = time_limits.longest().as_secs(),
                 "the task time limit exceeds RabbitMQ's default consumer timeout (30 min); raise \
                  consumer_timeout in rabbitmq.conf above it (deploy/rabbitmq.conf sets 1 h)"
             );
@@ -64,7 +67,7 @@ impl Worker {
             topology: Topology::new(config.broker.queue.clone()),
             worker_id: config.worker_id(),
             concurrency,
-            task_time_limit: Duration::from_secs(config.task_time_limit_secs),
+            time_limits,
             retry: RetryPolicy {
                 max_attempts: config.max_attempts.max(1),
                 base: Duration::from_millis(config.retry_base_ms),
