@@ -102,6 +102,9 @@ pub async fn serve(
                     continue;
                 }
                 subscribed.remove(&report.task_id);
+                if subscribed.capacity() > 1024 && subscribed.len() < subscribed.capacity() / 4 {
+                    subscribed.shrink_to(subscribed.len() * 2);
+                }
                 if let Err(err) = write_reply(&mut writer, &Reply::Result(report)).await {
                     break Err(err);
                 }

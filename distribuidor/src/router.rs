@@ -51,7 +51,13 @@ impl Router {
 
     /// Hands `report` to every subscriber of its task; returns how many got it.
     pub fn deliver(&self, report: TaskReport) -> usize {
-        let Some(entry) = self.lock().remove(&report.task_id) else {
+        let entry = {
+            let mut subscribers = self.lock();
+            let entry = subscribers.remove(&report.task_id);
+            shrink(&mut subscribers);
+            entry
+        };
+        let Some(entry) = entry else {
             return 0;
         };
         let mut delivered = 0;
@@ -83,6 +89,14 @@ impl Router {
         self.subscribers
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Gives memory back after a burst: a map never stays four times larger
+/// than what it holds.
+pub fn shrink<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>) {
+    if map.capacity() > 1024 && map.len() < map.capacity() / 4 {
+        map.shrink_to(map.len() * 2);
     }
 }
 
