@@ -5,7 +5,7 @@
 //! redelivered message harmless.
 //!
 //! The hot writes (recording a submission, claiming, finishing) go through
-//! [`batch::Batcher`]s: concurrent calls share one statement and one commit.
+//! batch writers (`batch.rs`): concurrent calls share one statement and one commit.
 
 mod batch;
 
