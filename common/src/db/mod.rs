@@ -315,15 +315,15 @@ async fn insert_queued_batch(
     let ids: Vec<&str> = tasks.iter().map(|t| t.task_id.as_str()).collect();
     let types: Vec<&str> = tasks.iter().map(|t| t.task_type.as_str()).collect();
     let payloads: Vec<&Value> = tasks.iter().map(|t| &t.payload).collect();
-    let rows = client
-        .query(
+    let statement = client
+        .prepare_cached(
             "INSERT INTO tasks (task_id, task_type, payload, state)
              SELECT id, task_type, payload, 'queued' FROM UNNEST($1::text[], $2::text[], $3::jsonb[]) AS u(id, task_type, payload)
              ON CONFLICT (task_id) DO NOTHING
              RETURNING task_id",
-            &[&ids, &types, &payloads],
         )
         .await?;
+    let rows = client.query(&statement, &[&ids, &types, &payloads]).await?;
     let mut inserted: std::collections::HashSet<String> =
         rows.iter().map(|row| row.get::<_, String>(0)).collect();
     let mut answers = Vec::with_capacity(tasks.len());
@@ -381,8 +381,8 @@ async fn claim_batch(
         } else {
             vec!["queued"]
         };
-        let rows = client
-            .query(
+        let statement = client
+            .prepare_cached(
                 "INSERT INTO tasks (task_id, task_type, payload, state, worker_id, attempts, started_at)
                  SELECT id, task_type, payload, 'running', worker_id, 1, now()
                  FROM UNNEST($1::text[], $2::text[], $3::jsonb[], $4::text[]) AS u(id, task_type, payload, worker_id)
@@ -391,8 +391,10 @@ async fn claim_batch(
                      attempts = tasks.attempts + 1, started_at = now()
                  WHERE tasks.state = ANY($5)
                  RETURNING task_id, attempts",
-                &[&ids, &types, &payloads, &workers, &claimable],
             )
+            .await?;
+        let rows = client
+            .query(&statement, &[&ids, &types, &payloads, &workers, &claimable])
             .await?;
         for row in rows {
             let id: String = row.try_get(0)?;
@@ -447,8 +449,8 @@ async fn finish_batch(
         .iter()
         .map(|f| i64::try_from(f.duration_ms).unwrap_or(i64::MAX))
         .collect();
-    let rows = client
-        .query(
+    let statement = client
+        .prepare_cached(
             "WITH input AS (
                  SELECT * FROM UNNEST($1::text[], $2::text[], $3::jsonb[], $4::text[], $5::text[], $6::int8[])
                  AS u(task_id, state, result, error, worker_id, duration_ms)),
@@ -459,6 +461,11 @@ async fn finish_batch(
                  WHERE tasks.task_id = input.task_id AND tasks.state IN ('queued', 'running')
                  RETURNING tasks.*)
              SELECT task_id, to_jsonb(done) FROM done",
+        )
+        .await?;
+    let rows = client
+        .query(
+            &statement,
             &[&ids, &states, &results, &errors, &workers, &durations],
         )
         .await?;
