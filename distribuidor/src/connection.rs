@@ -90,6 +90,7 @@ pub async fn serve(
             break Ok(());
         }
         let waiting_for_nothing = pending.is_empty() && subscribed.is_empty();
+        framer.reserve_for_read();
         tokio::select! {
             Some(handled) = pending.next(), if !pending.is_empty() => {
                 if let Err(err) = write_handled(&mut writer, handled, &mut subscribed, &mut unacked).await {

@@ -70,6 +70,15 @@ impl Framer {
         &mut self.buffer
     }
 
+    /// Makes room for a read of a few KiB: without it a buffer whose
+    /// frames were split off would be refilled 64 bytes per read.
+    pub fn reserve_for_read(&mut self) {
+        const READ_CHUNK: usize = 8 * 1024;
+        if self.buffer.capacity() - self.buffer.len() < READ_CHUNK / 2 {
+            self.buffer.reserve(READ_CHUNK);
+        }
+    }
+
     /// Bytes held that belong to an unfinished object (0 between objects).
     pub fn pending_len(&self) -> usize {
         if self.mode == Mode::Object {
