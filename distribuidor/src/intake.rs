@@ -105,7 +105,9 @@ impl Shared {
         if task.notify {
             self.router.subscribe(&task_id, connection, results);
         }
+        let started = std::time::Instant::now();
         let recorded = self.db.insert_queued(&task).await;
+        let inserted = started.elapsed();
         if recorded.is_ok() {
             POSTGRES.succeeded();
         }
@@ -149,6 +151,12 @@ impl Shared {
                 return unavailable(format!("broker unavailable ({err})"));
             }
         }
+        tracing::debug!(
+            task_id = %task_id,
+            insert_ms = inserted.as_secs_f64() * 1e3,
+            publish_ms = (started.elapsed() - inserted).as_secs_f64() * 1e3,
+            "task queued"
+        );
         Handled {
             replies: vec![ack],
             subscribed: task.notify.then_some(task_id),
