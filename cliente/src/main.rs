@@ -50,6 +50,9 @@ enum Command {
     Status { task_id: String },
     /// Check that the distribuidor answers.
     Ping,
+    /// Check that the distribuidor can accept tasks (RabbitMQ and
+    /// PostgreSQL reachable); exits non-zero if not. For healthchecks.
+    Health,
     /// Load the system with tasks and measure throughput and latency
     /// (with --baseline, also the bare dependencies, in the same run).
     Bench(Box<cliente::bench::BenchArgs>),
@@ -141,6 +144,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             one_request(&cli.addr, Request::Status { task_id }, limit).await
         }
         Some(Command::Ping) => one_request(&cli.addr, Request::Ping, limit).await,
+        Some(Command::Health) => {
+            let mut client = Client::connect(&cli.addr).await?;
+            client.send(&Request::Health).await?;
+            let reply = expect_ok(client.recv_within(limit).await?)?;
+            println!("{}", serde_json::to_string(&reply)?);
+            match reply {
+                Reply::Health { ready: true, .. } => Ok(()),
+                Reply::Health {
+                    rabbitmq, postgres, ..
+                } => {
+                    bail!(
+                        "not ready: rabbitmq {}, postgres {}",
+                        up(rabbitmq),
+                        up(postgres)
+                    )
+                }
+                other => bail!("unexpected reply: {other:?}"),
+            }
+        }
         Some(Command::Bench(args)) => {
             let report = cliente::bench::run(&cli.addr, &args).await?;
             print!("{}", report.render());
@@ -192,6 +214,14 @@ async fn one_request(addr: &str, request: Request, limit: Duration) -> anyhow::R
     let reply = expect_ok(client.recv_within(limit).await?)?;
     println!("{}", serde_json::to_string(&reply)?);
     Ok(())
+}
+
+fn up(reachable: bool) -> &'static str {
+    if reachable {
+        "up"
+    } else {
+        "down"
+    }
 }
 
 /// An error reply becomes an error, with its code and message.

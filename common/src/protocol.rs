@@ -11,8 +11,12 @@ use crate::task::{InvalidTaskId, TaskId, TaskReport, TaskState};
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Request {
     Task(TaskRequest),
-    Status { task_id: String },
+    Status {
+        task_id: String,
+    },
     Ping,
+    /// Can this distribuidor accept tasks right now? (For healthchecks.)
+    Health,
 }
 
 /// `{"type":"task", ...}`: everything optional but what the task type needs.
@@ -49,6 +53,12 @@ pub enum Reply {
         error: Option<String>,
     },
     Pong,
+    /// The answer to a health request: `ready` when both dependencies answer.
+    Health {
+        ready: bool,
+        rabbitmq: bool,
+        postgres: bool,
+    },
     Error(ErrorReply),
 }
 
@@ -202,15 +212,17 @@ impl Request {
             None => {
                 return Err(RequestError::new(
                     ErrorCode::InvalidRequest,
-                    "missing \"type\": expected \"task\", \"status\" or \"ping\"",
+                    "missing \"type\": expected \"task\", \"status\", \"ping\" or \"health\"",
                     task_id,
                 ))
             }
         };
-        if !matches!(kind.as_str(), "task" | "status" | "ping") {
+        if !matches!(kind.as_str(), "task" | "status" | "ping" | "health") {
             return Err(RequestError::new(
                 ErrorCode::InvalidRequest,
-                format!("unknown type {kind:?}: expected \"task\", \"status\" or \"ping\""),
+                format!(
+                    "unknown type {kind:?}: expected \"task\", \"status\", \"ping\" or \"health\""
+                ),
                 task_id,
             ));
         }

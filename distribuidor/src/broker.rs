@@ -80,6 +80,11 @@ impl Broker {
         }
     }
 
+    /// Whether the link is up right now.
+    pub fn is_connected(&self) -> bool {
+        self.session.borrow().is_some()
+    }
+
     /// Waits until the link is up (for tests and start-up logs).
     pub async fn wait_connected(&self) {
         let mut session = self.session.clone();

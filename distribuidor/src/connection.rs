@@ -149,6 +149,15 @@ fn start_request(
     };
     match request {
         Request::Ping => ready(Reply::Pong),
+        Request::Health => {
+            let shared = shared.clone();
+            Box::pin(async move {
+                Handled {
+                    replies: vec![shared.health().await],
+                    subscribed: None,
+                }
+            })
+        }
         Request::Status { task_id } => {
             let shared = shared.clone();
             Box::pin(async move {

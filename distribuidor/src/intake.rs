@@ -163,6 +163,21 @@ impl Shared {
         }
     }
 
+    /// Answers `{"type":"health"}`: ready when RabbitMQ is connected and
+    /// PostgreSQL answers within a second.
+    pub async fn health(&self) -> Reply {
+        let rabbitmq = self.broker.is_connected();
+        let postgres = matches!(
+            tokio::time::timeout(std::time::Duration::from_secs(1), self.db.ping()).await,
+            Ok(Ok(()))
+        );
+        Reply::Health {
+            ready: rabbitmq && postgres,
+            rabbitmq,
+            postgres,
+        }
+    }
+
     /// Answers `{"type":"status"}`.
     pub async fn status(&self, raw_task_id: String) -> Reply {
         if let Err(err) = TaskId::parse(&raw_task_id) {

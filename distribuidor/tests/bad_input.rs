@@ -157,6 +157,15 @@ async fn broker_down_means_unavailable_never_a_false_ack() {
     client.send(&Request::Task(request.clone())).await.unwrap();
     let reply = next(&mut client).await;
     assert_eq!(code(&reply), ErrorCode::Unavailable, "{reply:?}");
+    client.send(&Request::Health).await.unwrap();
+    assert_eq!(
+        next(&mut client).await,
+        Reply::Health {
+            ready: false,
+            rabbitmq: false,
+            postgres: true
+        }
+    );
     let id = request.task_id.unwrap();
     assert_eq!(
         crate::util::db().status(&id).await.unwrap(),

@@ -187,6 +187,13 @@ impl Db {
         self.submissions.call(task.clone()).await
     }
 
+    /// Whether PostgreSQL answers a query now.
+    pub async fn ping(&self) -> Result<(), DbError> {
+        let client = self.pool.get().await?;
+        client.simple_query("SELECT 1").await?;
+        Ok(())
+    }
+
     /// The row of `task_id`, if there is one.
     pub async fn status(&self, task_id: &str) -> Result<Option<TaskRecord>, DbError> {
         let client = self.pool.get().await?;
