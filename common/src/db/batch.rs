@@ -91,3 +91,57 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
             .map_err(|_| DbError::Batch("the batch writer dropped the call".into()))?
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn concurrent_calls_share_batches_and_get_their_own_answers() {
+        let sizes: Arc<Mutex<Vec<usize>>> = Arc::default();
+        let seen = sizes.clone();
+        let batcher = Batcher::spawn(16, 1, move |requests: Vec<u32>| {
+            seen.lock().unwrap().push(requests.len());
+            async move {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                Ok(requests.into_iter().map(|n| Ok(n * 2)).collect())
+            }
+        });
+        let calls: Vec<_> = (0..100u32)
+            .map(|n| {
+                let batcher = batcher.clone();
+                tokio::spawn(async move { (n, batcher.call(n).await) })
+            })
+            .collect();
+        for call in futures_join(calls.into_iter()).await {
+            let (n, answer) = call;
+            assert_eq!(answer.unwrap(), n * 2, "each call gets its own answer");
+        }
+        let sizes = sizes.lock().unwrap();
+        assert_eq!(sizes.iter().sum::<usize>(), 100);
+        assert!(
+            sizes.iter().all(|&size| size <= 16),
+            "no batch over the maximum: {sizes:?}"
+        );
+        assert!(sizes.len() < 100, "calls were batched: {sizes:?}");
+    }
+
+    #[tokio::test]
+    async fn a_failed_batch_fails_each_of_its_calls() {
+        let batcher: Batcher<u32, u32> =
+            Batcher::spawn(8, 1, |_| async { Err(DbError::Batch("disk full".into())) });
+        let err = batcher.call(1).await.unwrap_err();
+        assert!(err.to_string().contains("disk full"), "{err}");
+    }
+
+    async fn futures_join<T>(handles: impl Iterator<Item = tokio::task::JoinHandle<T>>) -> Vec<T> {
+        let mut out = Vec::new();
+        for handle in handles {
+            out.push(handle.await.unwrap());
+        }
+        out
+    }
+}
