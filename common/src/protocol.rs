@@ -114,8 +114,6 @@ pub enum ErrorCode {
     TooManyConnections,
     /// The connection was idle for too long; it is closed.
     IdleTimeout,
-    /// The server is shutting down; the request was not accepted.
-    ShuttingDown,
 }
 
 impl ErrorCode {
@@ -129,7 +127,6 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::TooManyConnections => "too_many_connections",
             ErrorCode::IdleTimeout => "idle_timeout",
-            ErrorCode::ShuttingDown => "shutting_down",
         }
     }
 }
