@@ -137,7 +137,8 @@ where
     }
 }
 
-fn random_fraction() -> f64 {
+/// A random number in `[0, 1)`, for jitter.
+pub fn random_fraction() -> f64 {
     let mut hasher = RandomState::new().build_hasher();
     hasher.write_u64(0);
     (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64

@@ -21,7 +21,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions, BasicRejectOptions};
 use lapin::{BasicProperties, Channel};
 use serde_json::Value;
-use tareas_common::backoff::{retry_until_ok, POSTGRES, S3};
+use tareas_common::backoff::{random_fraction, retry_until_ok, POSTGRES, S3};
 use tareas_common::db::{Claim, Finish};
 use tareas_common::task::{TaskMessage, TaskReport, TaskState};
 
@@ -159,7 +159,7 @@ async fn handle(
                             return Handled::Abandoned;
                         }
                         return Handled::Retry {
-                            delay_ms: ctx.retry.delay_ms(attempt, jitter()),
+                            delay_ms: ctx.retry.delay_ms(attempt, random_fraction()),
                         };
                     }
                     (Some(error), true) => {
@@ -230,14 +230,6 @@ fn gave_up(attempts: u32) -> Outcome {
         retryable: false,
         duration: Duration::ZERO,
     }
-}
-
-fn jitter() -> f64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .subsec_nanos();
-    f64::from(nanos % 1000) / 1000.0
 }
 
 /// Publishes a copy of `delivery` to the retry queue for `delay_ms`, and
