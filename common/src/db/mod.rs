@@ -333,24 +333,26 @@ async fn insert_queued_batch(
     let rows = client.query(&statement, &[&ids, &types, &payloads]).await?;
     let mut inserted: std::collections::HashSet<String> =
         rows.iter().map(|row| row.get::<_, String>(0)).collect();
-    let mut answers = Vec::with_capacity(tasks.len());
-    for task in &tasks {
-        // The first call for an id gets the new row; a repeat sees it as existing.
-        if inserted.remove(task.task_id.as_str()) {
-            answers.push(Ok(Submission::New));
-            continue;
-        }
-        let row = client
-            .query_opt(
-                "SELECT state, result, error, worker_id, duration_ms FROM tasks WHERE task_id = $1",
-                &[&task.task_id.as_str()],
-            )
-            .await?;
-        answers.push(match row {
-            Some(row) => record(task.task_id.as_str(), &row).map(Submission::Existing),
-            None => Ok(Submission::New),
-        });
-    }
+    let known: Vec<&str> = ids
+        .iter()
+        .copied()
+        .filter(|id| !inserted.contains(*id))
+        .collect();
+    let existing = records_by_id(&client, &known).await?;
+    let answers = tasks
+        .iter()
+        .map(|task| {
+            let id = task.task_id.as_str();
+            // The first call for an id gets the new row; a repeat sees it as existing.
+            if inserted.remove(id) {
+                return Ok(Submission::New);
+            }
+            Ok(match existing.get(id) {
+                Some(record) => Submission::Existing(record.clone()),
+                None => Submission::New,
+            })
+        })
+        .collect();
     Ok(answers)
 }
 
@@ -416,29 +418,29 @@ async fn claim_batch(
             }
         }
     }
-    let mut out = Vec::with_capacity(calls.len());
-    for (call, answer) in calls.iter().zip(answers) {
-        if let Some(answer) = answer {
-            out.push(answer);
-            continue;
-        }
-        let state: Option<String> = client
-            .query_opt(
-                "SELECT state FROM tasks WHERE task_id = $1",
-                &[&call.task.task_id.as_str()],
-            )
-            .await?
-            .map(|row| row.get(0));
-        let terminal = state
-            .and_then(|s| s.parse::<TaskState>().ok())
-            .is_some_and(TaskState::is_terminal);
-        out.push(Ok(if terminal {
-            Claim::Finished
-        } else {
-            Claim::RunningElsewhere
-        }));
-    }
-    Ok(out)
+    let unclaimed: Vec<&str> = calls
+        .iter()
+        .zip(&answers)
+        .filter(|(_, answer)| answer.is_none())
+        .map(|(call, _)| call.task.task_id.as_str())
+        .collect();
+    let rows = records_by_id(&client, &unclaimed).await?;
+    Ok(calls
+        .iter()
+        .zip(answers)
+        .map(|(call, answer)| {
+            answer.unwrap_or_else(|| {
+                let terminal = rows
+                    .get(call.task.task_id.as_str())
+                    .is_some_and(|record| record.state.is_terminal());
+                Ok(if terminal {
+                    Claim::Finished
+                } else {
+                    Claim::RunningElsewhere
+                })
+            })
+        })
+        .collect())
 }
 
 /// One statement for many finishes; rows finished before are read back.
@@ -505,6 +507,29 @@ async fn finish_batch(
                 .ok_or_else(|| DbError::Batch(format!("task {id} has no row to finish")))
         })
         .collect())
+}
+
+/// The rows of `ids` (one query), by task id.
+async fn records_by_id(
+    client: &deadpool_postgres::Client,
+    ids: &[&str],
+) -> Result<std::collections::HashMap<String, TaskRecord>, DbError> {
+    let mut records = std::collections::HashMap::new();
+    if ids.is_empty() {
+        return Ok(records);
+    }
+    let rows = client
+        .query(
+            "SELECT state, result, error, worker_id, duration_ms, task_id FROM tasks WHERE task_id = ANY($1)",
+            &[&ids],
+        )
+        .await?;
+    for row in rows {
+        let id: String = row.try_get(5)?;
+        let record = record(&id, &row)?;
+        records.insert(id, record);
+    }
+    Ok(records)
 }
 
 /// A status row as a [`TaskRecord`].
