@@ -61,7 +61,8 @@ impl Client {
         match tokio::time::timeout(limit, self.recv()).await {
             Err(_) => bail!("no reply from the distribuidor within {limit:?}"),
             Ok(Ok(None)) => bail!("the distribuidor closed the connection"),
-            Ok(reply) => Ok(reply?.unwrap_or(Reply::Pong)),
+            Ok(Ok(Some(reply))) => Ok(reply),
+            Ok(Err(err)) => Err(err),
         }
     }
 
