@@ -40,6 +40,11 @@ pub struct Limits {
     /// confirm) before the distribuidor stops reading from it.
     #[arg(long, env = "TAREAS_MAX_IN_FLIGHT", default_value_t = 256)]
     pub max_in_flight: usize,
+    /// Tasks one connection may wait for results of (pushed results not
+    /// yet arrived); at the limit the distribuidor stops reading from it
+    /// until results come in, so subscriptions cannot grow without bound.
+    #[arg(long, env = "TAREAS_MAX_WAITING_RESULTS", default_value_t = 10_000)]
+    pub max_waiting_results: usize,
     /// Seconds a connection may stay silent, with nothing outstanding, before it is closed.
     #[arg(long, env = "TAREAS_IDLE_TIMEOUT_SECS", default_value_t = 300)]
     pub idle_timeout_secs: u64,

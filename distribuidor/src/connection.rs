@@ -50,8 +50,16 @@ pub async fn serve(
     let mut reading = true;
 
     let outcome = loop {
+        // Room for more requests: few enough in progress, and few enough
+        // tasks waiting for their results (backpressure, not buffering).
+        let has_room = |pending: &FuturesOrdered<Pending>,
+                        subscribed: &HashSet<TaskId>,
+                        unacked: &HashMap<TaskId, Option<TaskReport>>| {
+            pending.len() < limits.max_in_flight
+                && subscribed.len() + unacked.len() < limits.max_waiting_results
+        };
         // Turn buffered bytes into requests while there is room.
-        while reading && pending.len() < limits.max_in_flight {
+        while reading && has_room(&pending, &subscribed, &unacked) {
             let Some(frame) = framer.next_frame() else {
                 break;
             };
@@ -110,7 +118,7 @@ pub async fn serve(
                     break Err(err);
                 }
             }
-            read = reader.read_buf(framer.buffer_mut()), if reading && pending.len() < limits.max_in_flight => {
+            read = reader.read_buf(framer.buffer_mut()), if reading && has_room(&pending, &subscribed, &unacked) => {
                 match read {
                     Ok(0) => reading = false,
                     Ok(_) => deadline = Instant::now() + idle,
