@@ -82,6 +82,11 @@ enum DlqCommand {
     },
 }
 
+/// mimalloc: the hot paths allocate many small, short-lived buffers (JSON,
+/// AMQP frames, HTTP requests) across threads; see docs/performance.md.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();

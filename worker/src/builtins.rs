@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use futures::future::{BoxFuture, FutureExt};
 use num_bigint::BigUint;
 use serde_json::{json, Number, Value};
 use sha2::{Digest, Sha256};
@@ -19,13 +20,65 @@ const MAX_SAFE_INTEGER: u64 = (1 << 53) - 1;
 /// Registers every built-in task type.
 pub fn register(registry: &mut Registry) -> &mut Registry {
     registry
-        .register_blocking(HASH, hash)
-        .register_blocking(FIBONACCI, fibonacci)
-        .register_blocking(REVERSE, reverse)
-        .register_blocking(SUM, sum)
+        .register_async(HASH, inline_when_small(hash))
+        .register_async(FIBONACCI, inline_when_small(fibonacci))
+        .register_async(REVERSE, inline_when_small(reverse))
+        .register_async(SUM, inline_when_small(sum))
         .register_blocking(COMPUTE, compute)
-        .register_blocking(ECHO, echo)
+        .register_async(ECHO, inline_when_small(echo))
         .register_async(SLEEP, sleep)
+}
+
+/// Payloads up to this size (bytes of text, elements of arrays) take a few
+/// microseconds to a built-in: handing them to another thread costs more
+/// than the work.
+const INLINE_PAYLOAD_LIMIT: usize = 16 * 1024;
+
+/// Runs `handler` right in the delivery's task when the payload is small,
+/// on the blocking pool when it is not.
+fn inline_when_small(
+    handler: fn(Value) -> TaskResult,
+) -> impl Fn(Value) -> BoxFuture<'static, TaskResult> + Send + Sync + 'static {
+    move |payload| {
+        if payload_size(&payload, INLINE_PAYLOAD_LIMIT) <= INLINE_PAYLOAD_LIMIT {
+            return futures::future::ready(handler(payload)).boxed();
+        }
+        async move {
+            match tokio::task::spawn_blocking(move || handler(payload)).await {
+                Ok(result) => result,
+                Err(join) if join.is_panic() => Err(crate::executor::panicked(join.into_panic())),
+                Err(join) => Err(TaskError::transient(format!(
+                    "the handler was cancelled: {join}"
+                ))),
+            }
+        }
+        .boxed()
+    }
+}
+
+/// The size of a payload (bytes of strings, elements of arrays and objects),
+/// counted up to a little past `limit`.
+fn payload_size(value: &Value, limit: usize) -> usize {
+    let mut size = 0;
+    let mut stack = vec![value];
+    while let Some(value) = stack.pop() {
+        size += match value {
+            Value::String(text) => text.len(),
+            Value::Array(items) => {
+                stack.extend(items);
+                items.len()
+            }
+            Value::Object(map) => {
+                stack.extend(map.values());
+                map.len() + map.keys().map(String::len).sum::<usize>()
+            }
+            _ => 1,
+        };
+        if size > limit {
+            break;
+        }
+    }
+    size
 }
 
 fn payload<T: serde::de::DeserializeOwned>(
@@ -173,6 +226,33 @@ mod tests {
         let a = compute(json!({"iterations": 1000})).unwrap();
         assert_eq!(a, compute(json!({"iterations": 1000})).unwrap());
         assert_ne!(a, compute(json!({"iterations": 1001})).unwrap());
+    }
+
+    #[test]
+    fn payload_size_counts_text_and_elements_and_stops_early() {
+        assert_eq!(payload_size(&json!({"text": "hola"}), 100), 1 + 4 + 4);
+        assert_eq!(payload_size(&json!({"numbers": [1, 2, 3]}), 100), 1 + 7 + 3 + 3);
+        let big = json!({"numbers": vec![1; 100_000]});
+        // Past the limit at the array: its elements are not walked.
+        assert_eq!(payload_size(&big, 100), 1 + 7 + 100_000);
+    }
+
+    #[tokio::test]
+    async fn hash_is_right_both_inline_and_on_the_blocking_pool() {
+        let mut registry = Registry::new();
+        register(&mut registry);
+        let task = |text: String| tareas_common::task::TaskMessage {
+            task_id: tareas_common::task::TaskId::generate(),
+            task_type: HASH.into(),
+            payload: json!({ "text": text }),
+            notify: false,
+        };
+        let limit = Duration::from_secs(5);
+        for text in ["hola".to_owned(), "x".repeat(INLINE_PAYLOAD_LIMIT * 4)] {
+            let expected = hex::encode(Sha256::digest(text.as_bytes()));
+            let outcome = crate::executor::execute(&registry, &task(text), limit).await;
+            assert_eq!(outcome.result, Some(json!({ "sha256": expected })));
+        }
     }
 
     #[test]

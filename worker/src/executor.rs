@@ -1,8 +1,10 @@
 //! Runs one task's handler: off the async runtime when it is blocking,
 //! within a time limit, with panics caught. Knows nothing of AMQP.
 
+use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use serde_json::Value;
 use tareas_common::task::{TaskMessage, TaskState};
 
@@ -51,33 +53,51 @@ pub async fn execute(registry: &Registry, task: &TaskMessage, time_limit: Durati
 }
 
 async fn run(handler: &Handler, payload: Value, time_limit: Duration) -> Result<Value, TaskError> {
-    let task = match handler {
+    match handler {
         Handler::Blocking(f) => {
             let f = f.clone();
-            tokio::task::spawn_blocking(move || f(payload))
+            let task = tokio::task::spawn_blocking(move || f(payload));
+            match tokio::time::timeout(time_limit, task).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(join)) if join.is_panic() => Err(panicked(join.into_panic())),
+                Ok(Err(join)) => Err(TaskError::transient(format!(
+                    "the handler was cancelled: {join}"
+                ))),
+                // A blocking handler cannot be stopped: it runs on, detached.
+                Err(_) => Err(over_time_limit(time_limit)),
+            }
         }
-        Handler::Async(f) => tokio::spawn(f(payload)),
-    };
-    let abort = task.abort_handle();
-    match tokio::time::timeout(time_limit, task).await {
-        Ok(Ok(result)) => result,
-        // A panic counts as a failed attempt: it may be a passing condition.
-        Ok(Err(join)) if join.is_panic() => Err(TaskError::transient(format!(
-            "the handler panicked: {}",
-            panic_message(join.into_panic())
-        ))),
-        Ok(Err(join)) => Err(TaskError::transient(format!(
-            "the handler was cancelled: {join}"
-        ))),
-        Err(_) => {
-            // Async handlers stop here; a blocking one runs on, detached.
-            abort.abort();
-            Err(TaskError::permanent(format!(
-                "the task exceeded its time limit of {:.1}s",
-                time_limit.as_secs_f64()
-            )))
+        // Polled right here, in the delivery's own task: no hand-off to
+        // another task or thread. Past the time limit the future is dropped.
+        Handler::Async(f) => {
+            let run = std::panic::catch_unwind(AssertUnwindSafe(|| f(payload)))
+                .map(|future| AssertUnwindSafe(future).catch_unwind());
+            let run = match run {
+                Ok(run) => run,
+                Err(panic) => return Err(panicked(panic)),
+            };
+            match tokio::time::timeout(time_limit, run).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(panic)) => Err(panicked(panic)),
+                Err(_) => Err(over_time_limit(time_limit)),
+            }
         }
     }
+}
+
+/// A panic counts as a failed attempt: it may be a passing condition.
+pub(crate) fn panicked(panic: Box<dyn std::any::Any + Send>) -> TaskError {
+    TaskError::transient(format!(
+        "the handler panicked: {}",
+        panic_message(panic)
+    ))
+}
+
+fn over_time_limit(time_limit: Duration) -> TaskError {
+    TaskError::permanent(format!(
+        "the task exceeded its time limit of {:.1}s",
+        time_limit.as_secs_f64()
+    ))
 }
 
 fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {

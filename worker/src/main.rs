@@ -5,6 +5,11 @@ use std::process::ExitCode;
 use clap::Parser;
 use tareas_worker::{Worker, WorkerConfig};
 
+/// mimalloc: the hot paths allocate many small, short-lived buffers (JSON,
+/// AMQP frames, HTTP requests) across threads; see docs/performance.md.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = WorkerConfig::parse();

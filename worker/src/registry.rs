@@ -78,7 +78,8 @@ pub type AsyncHandler =
 pub enum Handler {
     /// Runs on tokio's blocking pool: CPU-bound or blocking code.
     Blocking(Arc<dyn Fn(Value) -> TaskResult + Send + Sync>),
-    /// Runs as a tokio task: async I/O.
+    /// Polled within the delivery's own task: async I/O, or work of a few
+    /// microseconds (no hand-off to another thread costs more than that).
     Async(AsyncHandler),
 }
 
@@ -103,7 +104,8 @@ impl Registry {
         self
     }
 
-    /// Registers an async handler, run as a tokio task.
+    /// Registers an async handler, polled within the delivery's task;
+    /// dropped (cancelled) when it overruns its time limit.
     pub fn register_async<F, Fut>(&mut self, task_type: &str, handler: F) -> &mut Registry
     where
         F: Fn(Value) -> Fut + Send + Sync + 'static,

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use futures::stream::{FuturesUnordered, StreamExt};
+use futures::stream::{FuturesUnordered, StreamExt, TryStreamExt};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
@@ -242,5 +242,16 @@ async fn s3(args: &BenchArgs, message: &TaskMessage, count: usize) -> anyhow::Re
     while let Some(put) = puts.next().await {
         put?;
     }
-    Ok(per_sec(count, started.elapsed()))
+    let rate = per_sec(count, started.elapsed());
+    // Scratch objects: the bucket is for real results.
+    futures::stream::iter(0..count)
+        .map(|i| {
+            let store = store.clone();
+            async move { store.delete_result(&format!("baseline-{run}-{i}")).await }
+        })
+        .buffer_unordered(args.s3_concurrency.max(1))
+        .try_collect::<()>()
+        .await
+        .context("deleting the baseline's scratch objects")?;
+    Ok(rate)
 }

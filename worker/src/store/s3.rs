@@ -149,4 +149,16 @@ impl S3Store {
             Err(err) => Err(S3Error::new("GetObject", err)),
         }
     }
+
+    /// Deletes a task's result document (for tools: the bench's scratch objects).
+    pub async fn delete_result(&self, task_id: &str) -> Result<(), S3Error> {
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(Self::key(task_id))
+            .send()
+            .await
+            .map_err(|err| S3Error::new("DeleteObject", err))?;
+        Ok(())
+    }
 }
