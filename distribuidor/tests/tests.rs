@@ -9,4 +9,5 @@ mod deployment;
 mod pipeline;
 mod reliability;
 mod scaling;
+mod slots;
 mod util;

@@ -213,6 +213,37 @@ pub async fn drain_queue(queue: &str) -> Vec<lapin::message::BasicGetMessage> {
     messages
 }
 
+/// Polls until `queue` has exactly `n` messages ready (not yet delivered
+/// to a consumer): the count is RabbitMQ's, there is nothing else to wait on.
+pub async fn wait_for_ready_messages(queue: &str, n: u32) {
+    let amqp = WorkerConfig::defaults().broker.amqp_url;
+    let connection = Connection::connect(&amqp, ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ");
+    let channel = connection.create_channel().await.expect("channel");
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let ready = channel
+            .queue_declare(queue.into(), passive, Default::default())
+            .await
+            .expect("passive queue.declare")
+            .message_count();
+        if ready == n {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{queue} never had {n} ready messages; last {ready}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = connection.close(200, "done".into()).await;
+}
+
 /// A task request.
 pub fn task(task_type: &str, payload: Value) -> TaskRequest {
     TaskRequest {

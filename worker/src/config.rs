@@ -13,10 +13,17 @@ pub struct WorkerConfig {
     pub database: DatabaseArgs,
     #[command(flatten)]
     pub s3: S3Args,
-    /// Tasks run at once by this process; also the RabbitMQ prefetch.
+    /// Tasks run at once by this process.
     /// Default: the number of CPU cores.
     #[arg(long, env = "WORKER_CONCURRENCY")]
     pub concurrency: Option<usize>,
+    /// Messages this process holds unacknowledged (the RabbitMQ prefetch):
+    /// the tasks running plus those whose results are being stored. Above
+    /// the concurrency, storing one result overlaps running the next task,
+    /// like Celery's prefetch multiplier. Default: 1.5 × the concurrency;
+    /// minimum: the concurrency.
+    #[arg(long, env = "WORKER_PREFETCH")]
+    pub prefetch: Option<usize>,
     /// Name reported in results and stored in `tasks.worker_id`.
     /// Default: `<hostname>-<pid>`.
     #[arg(long, env = "WORKER_ID")]
@@ -65,6 +72,15 @@ impl WorkerConfig {
         self.concurrency
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, usize::from))
             .max(1)
+    }
+
+    /// The RabbitMQ prefetch: by default 1.5 × the concurrency, never below
+    /// it (slots would idle).
+    pub fn prefetch(&self) -> usize {
+        let concurrency = self.concurrency();
+        self.prefetch
+            .unwrap_or(concurrency + concurrency.div_ceil(2))
+            .clamp(concurrency, usize::from(u16::MAX))
     }
 
     /// The time limit of every task type.

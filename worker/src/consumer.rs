@@ -1,7 +1,8 @@
 //! The AMQP session of the worker: connects (with backoff), consumes the
-//! work queue with a prefetch equal to the concurrency, hands each delivery
-//! to [`crate::delivery`], and on shutdown cancels the consumer, drains
-//! in-flight tasks within a limit and hands the rest back.
+//! work queue with its prefetch (at least the concurrency), hands each
+//! delivery to [`crate::delivery`], and on shutdown cancels the consumer,
+//! hands back what has not started, drains the rest within a limit and
+//! hands back what is still unfinished.
 //!
 //! If the RabbitMQ connection drops, unacked deliveries return to the queue
 //! by themselves; the worker reconnects and carries on.
@@ -38,7 +39,12 @@ pub struct Context {
     pub s3: S3Store,
     pub topology: Topology,
     pub worker_id: String,
+    /// Tasks running at once: the permits of `run_slots`.
     pub concurrency: usize,
+    /// Deliveries held at once (RabbitMQ prefetch), running or being stored.
+    pub prefetch: usize,
+    /// A delivery holds one from its claim to the end of its run.
+    pub run_slots: tokio::sync::Semaphore,
     pub time_limits: crate::time_limits::TimeLimits,
     pub retry: RetryPolicy,
     pub drain_limit: Duration,
@@ -76,7 +82,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
         let Some((connection, channels, consumer)) = opened.await else {
             return;
         };
-        tracing::info!(queue = %ctx.topology.queue, worker_id = %ctx.worker_id, concurrency = ctx.concurrency, "consuming");
+        tracing::info!(queue = %ctx.topology.queue, worker_id = %ctx.worker_id, concurrency = ctx.concurrency, prefetch = ctx.prefetch, "consuming");
         let heartbeat = crate::health::Heartbeat::start(ctx.health_file.clone());
         let abandon = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -125,7 +131,7 @@ async fn open(ctx: &Context) -> Result<(Connection, Channels, lapin::Consumer), 
     let connection = Connection::connect(&ctx.amqp_url, ConnectionProperties::default()).await?;
     let consume = connection.create_channel().await?;
     ctx.topology.declare(&consume).await?;
-    let prefetch = u16::try_from(ctx.concurrency).unwrap_or(u16::MAX);
+    let prefetch = u16::try_from(ctx.prefetch).unwrap_or(u16::MAX);
     consume
         .basic_qos(prefetch, BasicQosOptions::default())
         .await?;
@@ -163,7 +169,10 @@ async fn consume(
                     ctx.clone(),
                     channels.clone(),
                     delivery,
-                    abandon.clone(),
+                    delivery::Stop {
+                        starting: shutdown.clone(),
+                        abandon: abandon.clone(),
+                    },
                 ));
             }
             Some(Err(err)) => {

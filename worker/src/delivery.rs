@@ -1,7 +1,10 @@
 //! One delivery, from message to ack: the worker's ack policy.
 //!
-//! 1. Claim the task in PostgreSQL (a duplicate of a running task is acked
-//!    and dropped; a finished task is not run again).
+//! 1. Wait for a run slot (one of `WORKER_CONCURRENCY`; a shutdown meanwhile
+//!    hands the message back untouched), then claim the task in PostgreSQL
+//!    (a duplicate of a running task is acked and dropped; a finished task
+//!    is not run again). The slot is freed when the run ends, so storing
+//!    this result overlaps the next task's run when the prefetch allows.
 //! 2. Run it, unless it has used up its attempts (then it fails at once:
 //!    it is a poison message that keeps killing its worker).
 //! 3. A transient failure with attempts left: the row goes back to
@@ -45,6 +48,16 @@ enum Handled {
     Duplicate,
     /// Given up (shutdown or lost connection) before both writes: hand it back.
     Abandoned,
+    /// Shutdown came before a run slot did: hand it back, nothing to undo.
+    NotStarted,
+}
+
+/// When a delivery must let go.
+pub struct Stop {
+    /// Shutdown began: do not start a task that has not started.
+    pub starting: tokio_util::sync::CancellationToken,
+    /// Give up whatever is in flight and hand it back.
+    pub abandon: tokio_util::sync::CancellationToken,
 }
 
 /// Processes one delivery to its ack, nack or reject.
@@ -52,7 +65,7 @@ pub async fn process(
     ctx: Arc<Context>,
     channels: Channels,
     delivery: Delivery,
-    abandon: tokio_util::sync::CancellationToken,
+    stop: Stop,
 ) {
     let task: TaskMessage = match serde_json::from_slice(&delivery.data) {
         Ok(task) => task,
@@ -67,7 +80,7 @@ pub async fn process(
         }
     };
     let task_id = task.task_id.clone();
-    let handled = handle(&ctx, &task, delivery.redelivered, &abandon).await;
+    let handled = handle(&ctx, &task, delivery.redelivered, &stop).await;
     let settle = async {
         match handled {
             Handled::Stored {
@@ -103,6 +116,10 @@ pub async fn process(
                 tracing::info!(task_id = %task_id, "handing the task back to RabbitMQ");
                 hand_back(&ctx, &task, &delivery).await
             }
+            Handled::NotStarted => {
+                tracing::debug!(task_id = %task_id, "shutting down; handing back a task that had not started");
+                delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await
+            }
         }
     };
     let settled = match tokio::time::timeout(crate::consumer::AMQP_TIMEOUT, settle).await {
@@ -118,9 +135,16 @@ async fn handle(
     ctx: &Context,
     task: &TaskMessage,
     redelivered: bool,
-    abandon: &tokio_util::sync::CancellationToken,
+    stop: &Stop,
 ) -> Handled {
+    let abandon = &stop.abandon;
     let task_id = task.task_id.as_str();
+    let mut slot = tokio::select! {
+        biased;
+        () = stop.starting.cancelled() => return Handled::NotStarted,
+        () = abandon.cancelled() => return Handled::NotStarted,
+        slot = ctx.run_slots.acquire() => Some(slot),
+    };
     let started = std::time::Instant::now();
     let Some(claim) = retry_until_ok(&POSTGRES, abandon, || {
         ctx.db.claim(task, &ctx.worker_id, redelivered)
@@ -134,6 +158,7 @@ async fn handle(
     let (document, dead_letter) = match claim {
         Claim::RunningElsewhere => return Handled::Duplicate,
         Claim::Finished => {
+            drop(slot.take());
             // Finished before (a redelivery): store and report what is recorded.
             match retry_until_ok(&POSTGRES, abandon, || ctx.db.document(task_id)).await {
                 Some(Some(document)) => (document, false),
@@ -149,6 +174,7 @@ async fn handle(
                     outcome = executor::execute(&ctx.registry, task, ctx.time_limits.for_type(&task.task_type)) => outcome,
                 };
                 ran = outcome.duration;
+                drop(slot.take());
                 match (&outcome.error, outcome.retryable) {
                     (Some(error), true) if ctx.retry.should_retry(attempt) => {
                         tracing::info!(task_id, attempt, %error, "task failed; will retry");

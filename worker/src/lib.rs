@@ -51,6 +51,7 @@ impl Worker {
     /// configuration errors; dependencies are connected by [`Worker::run`].
     pub fn new(config: &WorkerConfig, registry: Registry) -> anyhow::Result<Worker> {
         let concurrency = config.concurrency();
+        let prefetch = config.prefetch();
         let time_limits = config.time_limits();
         if time_limits.longest().as_secs() > RABBITMQ_DEFAULT_CONSUMER_TIMEOUT_SECS {
             tracing::warn!(
@@ -62,11 +63,13 @@ impl Worker {
         let context = consumer::Context {
             registry,
             amqp_url: config.broker.amqp_url.clone(),
-            db: Db::new(&config.database.database_url, concurrency + 2)?,
+            db: Db::new(&config.database.database_url, prefetch + 2)?,
             s3: S3Store::new(&config.s3),
             topology: Topology::new(config.broker.queue.clone()),
             worker_id: config.worker_id(),
             concurrency,
+            prefetch,
+            run_slots: tokio::sync::Semaphore::new(concurrency),
             time_limits,
             retry: RetryPolicy {
                 max_attempts: config.max_attempts.max(1),
