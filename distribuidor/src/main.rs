@@ -7,11 +7,6 @@ use clap::Parser;
 use tareas_distribuidor::config::Config;
 use tareas_distribuidor::Distribuidor;
 
-/// mimalloc: the hot paths allocate many small, short-lived buffers (JSON,
-/// AMQP frames, HTTP requests) across threads; see docs/performance.md.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();
