@@ -155,6 +155,9 @@ impl Db {
         let tx = client.transaction().await?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
             .await?;
+        // "relation already exists, skipping" on every start is noise.
+        tx.batch_execute("SET LOCAL client_min_messages = warning")
+            .await?;
         tx.batch_execute(
             "CREATE TABLE IF NOT EXISTS tareas_migrations (
                  version integer PRIMARY KEY,
