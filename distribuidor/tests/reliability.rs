@@ -429,18 +429,29 @@ async fn a_client_waiting_for_many_results_is_slowed_not_buffered() {
     config.limits.max_waiting_results = 2;
     let distribuidor = deployment.start_distribuidor(config).await;
     let mut client = distribuidor.client().await;
-    let ids: Vec<String> = (0..5).map(|i| format!("wait-{i}-{}", uuid::Uuid::new_v4())).collect();
+    let ids: Vec<String> = (0..5)
+        .map(|i| format!("wait-{i}-{}", uuid::Uuid::new_v4()))
+        .collect();
     for id in &ids {
-        let request = TaskRequest { task_id: Some(id.clone()), ..task("echo", json!({"text": id})) };
+        let request = TaskRequest {
+            task_id: Some(id.clone()),
+            ..task("echo", json!({"text": id}))
+        };
         client.send(&Request::Task(request)).await.unwrap();
     }
     // No worker yet: two tasks are acked, and the rest are not even read.
     for id in &ids[..2] {
-        assert!(matches!(next(&mut client).await, Reply::Ack { task_id, .. } if task_id.as_str() == id));
+        assert!(
+            matches!(next(&mut client).await, Reply::Ack { task_id, .. } if task_id.as_str() == id)
+        );
     }
     let db = util::db();
     for id in &ids[2..] {
-        assert_eq!(db.status(id).await.unwrap(), None, "{id} was read before there was room");
+        assert_eq!(
+            db.status(id).await.unwrap(),
+            None,
+            "{id} was read before there was room"
+        );
     }
     // Results free room; everything is then acked and answered.
     deployment.start_worker(deployment.worker_config("w-room", 2));

@@ -114,14 +114,22 @@ async fn shutdown_hands_back_at_once_what_has_not_started() {
     stop.cancel();
     // The two waiting for the slot go back while the first still runs.
     util::wait_for_ready_messages(&deployment.queue, 2).await;
-    assert_eq!(*gated.running.borrow(), 1, "the running task is not cut short");
+    assert_eq!(
+        *gated.running.borrow(),
+        1,
+        "the running task is not cut short"
+    );
     gated.gate.add_permits(1);
     let first = next_result(&mut client).await;
     assert_eq!(first.status, TaskState::Succeeded, "{first:?}");
     let db = util::db();
     for id in ids.iter().filter(|id| **id != first.task_id.to_string()) {
         let record = db.status(id).await.expect("status").expect("row");
-        assert_eq!(record.state, TaskState::Queued, "{id} handed back untouched");
+        assert_eq!(
+            record.state,
+            TaskState::Queued,
+            "{id} handed back untouched"
+        );
         assert_eq!(record.worker_id, None, "{id} was never claimed");
     }
     deployment.stop().await;

@@ -231,7 +231,10 @@ mod tests {
     #[test]
     fn payload_size_counts_text_and_elements_and_stops_early() {
         assert_eq!(payload_size(&json!({"text": "hola"}), 100), 1 + 4 + 4);
-        assert_eq!(payload_size(&json!({"numbers": [1, 2, 3]}), 100), 1 + 7 + 3 + 3);
+        assert_eq!(
+            payload_size(&json!({"numbers": [1, 2, 3]}), 100),
+            1 + 7 + 3 + 3
+        );
         let big = json!({"numbers": vec![1; 100_000]});
         // Past the limit at the array: its elements are not walked.
         assert_eq!(payload_size(&big, 100), 1 + 7 + 100_000);

@@ -61,12 +61,7 @@ pub struct Stop {
 }
 
 /// Processes one delivery to its ack, nack or reject.
-pub async fn process(
-    ctx: Arc<Context>,
-    channels: Channels,
-    delivery: Delivery,
-    stop: Stop,
-) {
+pub async fn process(ctx: Arc<Context>, channels: Channels, delivery: Delivery, stop: Stop) {
     let task: TaskMessage = match serde_json::from_slice(&delivery.data) {
         Ok(task) => task,
         Err(err) => {
@@ -118,7 +113,12 @@ pub async fn process(
             }
             Handled::NotStarted => {
                 tracing::debug!(task_id = %task_id, "shutting down; handing back a task that had not started");
-                delivery.nack(BasicNackOptions { requeue: true, ..BasicNackOptions::default() }).await
+                delivery
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    })
+                    .await
             }
         }
     };
@@ -131,12 +131,7 @@ pub async fn process(
     }
 }
 
-async fn handle(
-    ctx: &Context,
-    task: &TaskMessage,
-    redelivered: bool,
-    stop: &Stop,
-) -> Handled {
+async fn handle(ctx: &Context, task: &TaskMessage, redelivered: bool, stop: &Stop) -> Handled {
     let abandon = &stop.abandon;
     let task_id = task.task_id.as_str();
     let mut slot = tokio::select! {

@@ -87,10 +87,7 @@ async fn run(handler: &Handler, payload: Value, time_limit: Duration) -> Result<
 
 /// A panic counts as a failed attempt: it may be a passing condition.
 pub(crate) fn panicked(panic: Box<dyn std::any::Any + Send>) -> TaskError {
-    TaskError::transient(format!(
-        "the handler panicked: {}",
-        panic_message(panic)
-    ))
+    TaskError::transient(format!("the handler panicked: {}", panic_message(panic)))
 }
 
 fn over_time_limit(time_limit: Duration) -> TaskError {
