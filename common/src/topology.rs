@@ -11,6 +11,10 @@
 //!   per retry delay. Nobody consumes them: a message waits there for its
 //!   TTL, then is dead-lettered back to `<queue>` through the default
 //!   exchange. This is how retries wait in the broker, not in worker memory.
+//! - `<queue>.reply.<instance>`: one per distribuidor process, durable, the
+//!   `reply_to` of the tasks it accepted. Its name stays the same across
+//!   reconnects and RabbitMQ restarts, so results of tasks queued before
+//!   still find it; RabbitMQ deletes it once unused for 10 minutes.
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -19,6 +23,9 @@ use lapin::{Channel, ExchangeKind};
 /// How many times RabbitMQ delivers a message that was handed back
 /// (worker crash, nack with requeue) before dead-lettering it.
 pub const DELIVERY_LIMIT: i64 = 20;
+
+/// A reply queue unused this long (its distribuidor is gone) is deleted.
+pub const REPLY_QUEUE_EXPIRES_MS: i64 = 10 * 60 * 1000;
 
 /// The names of one Tareas deployment's queues.
 #[derive(Debug, Clone)]
@@ -125,6 +132,35 @@ impl Topology {
         arguments.insert(
             "x-overflow".into(),
             AMQPValue::LongString(LongString::from("reject-publish")),
+        );
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        channel
+            .queue_declare(name.as_str().into(), durable, arguments)
+            .await?;
+        Ok(name)
+    }
+}
+
+impl Topology {
+    /// The reply queue of the distribuidor process `instance`.
+    pub fn reply_queue(&self, instance: &str) -> String {
+        format!("{}.reply.{instance}", self.queue)
+    }
+
+    /// Declares the reply queue of `instance`; returns its name.
+    pub async fn declare_reply_queue(
+        &self,
+        channel: &Channel,
+        instance: &str,
+    ) -> Result<String, lapin::Error> {
+        let name = self.reply_queue(instance);
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-expires".into(),
+            AMQPValue::LongLongInt(REPLY_QUEUE_EXPIRES_MS),
         );
         let durable = QueueDeclareOptions {
             durable: true,

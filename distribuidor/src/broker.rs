@@ -1,7 +1,10 @@
 //! The distribuidor's link to RabbitMQ: one connection, kept up by a
 //! supervisor task that reconnects with backoff. It carries two channels:
 //! one in confirm mode for publishing tasks, and one consuming this
-//! instance's private reply queue, whose results go to the [`Router`].
+//! instance's reply queue, whose results go to the [`Router`]. The reply
+//! queue keeps its name for the life of the process, so results of tasks
+//! accepted before a reconnect still arrive; results that were published
+//! while the link was down are found in PostgreSQL by [`crate::recovery`].
 //!
 //! While the link is down, [`Broker::publish`] fails at once, so the client
 //! gets `unavailable` instead of a false ack.
@@ -11,7 +14,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -58,6 +61,8 @@ struct Session {
 pub struct Broker {
     /// The current session, `None` while disconnected.
     session: watch::Receiver<Option<Session>>,
+    /// How many times the link has come up.
+    connects: watch::Receiver<u64>,
     /// Queue names.
     topology: Arc<Topology>,
 }
@@ -72,12 +77,24 @@ impl Broker {
         shutdown: CancellationToken,
     ) -> Broker {
         let (tx, rx) = watch::channel(None);
+        let (connects_tx, connects) = watch::channel(0);
         let topology = Arc::new(topology);
-        tokio::spawn(supervise(amqp_url, topology.clone(), router, tx, shutdown));
+        let link = Link {
+            amqp_url,
+            topology: topology.clone(),
+            instance: uuid::Uuid::new_v4().simple().to_string(),
+        };
+        tokio::spawn(supervise(link, router, tx, connects_tx, shutdown));
         Broker {
             session: rx,
+            connects,
             topology,
         }
+    }
+
+    /// Counts the times the link came up: `changed()` fires on each (re)connect.
+    pub fn connects(&self) -> watch::Receiver<u64> {
+        self.connects.clone()
     }
 
     /// Whether the link is up right now.
@@ -134,19 +151,28 @@ impl Broker {
     }
 }
 
-/// Keeps the link up until shutdown.
-async fn supervise(
+/// Where and who to connect as.
+struct Link {
     amqp_url: String,
     topology: Arc<Topology>,
+    /// This process's id, part of its reply queue's name.
+    instance: String,
+}
+
+/// Keeps the link up until shutdown.
+async fn supervise(
+    link: Link,
     router: Arc<Router>,
     session: watch::Sender<Option<Session>>,
+    connects: watch::Sender<u64>,
     shutdown: CancellationToken,
 ) {
+    let topology = &link.topology;
     loop {
         // A restart of RabbitMQ in the middle of opening can leave a reply
         // pending forever: opening has a time limit, and is retried.
         let connected = tareas_common::backoff::retry_until_ok(&RABBITMQ, &shutdown, || async {
-            match tokio::time::timeout(OPEN_TIMEOUT, open(&amqp_url, &topology)).await {
+            match tokio::time::timeout(OPEN_TIMEOUT, open(&link)).await {
                 Ok(opened) => opened.map_err(|err| err.to_string()),
                 Err(_) => Err(format!("opening the connection took over {OPEN_TIMEOUT:?}")),
             }
@@ -160,16 +186,25 @@ async fn supervise(
             channel: publish_channel,
             reply_queue,
         }));
+        connects.send_modify(|count| *count += 1);
         let lost = tokio::select! {
             () = shutdown.cancelled() => false,
             () = route_results(consumer, &router) => true,
         };
-        session.send_replace(None);
+        let last = session.send_replace(None);
         if lost {
             tracing::error!(
                 "lost the RabbitMQ connection; new tasks get `unavailable` until it is back"
             );
         } else {
+            if let Some(last) = last {
+                // Its clients are gone: nobody waits for what would arrive.
+                let delete = last.channel.queue_delete(
+                    last.reply_queue.as_str().into(),
+                    QueueDeleteOptions::default(),
+                );
+                let _ = tokio::time::timeout(OPEN_TIMEOUT, delete).await;
+            }
             let _ = tokio::time::timeout(
                 OPEN_TIMEOUT,
                 connection.close(200, "distribuidor shutting down".into()),
@@ -182,35 +217,28 @@ async fn supervise(
 
 /// Connects, declares the topology and this instance's reply queue, and
 /// starts consuming it.
-async fn open(
-    amqp_url: &str,
-    topology: &Topology,
-) -> Result<(Connection, Channel, lapin::Consumer, String), lapin::Error> {
-    let connection = Connection::connect(amqp_url, ConnectionProperties::default()).await?;
+async fn open(link: &Link) -> Result<(Connection, Channel, lapin::Consumer, String), lapin::Error> {
+    let connection = Connection::connect(&link.amqp_url, ConnectionProperties::default()).await?;
     let publish_channel = connection.create_channel().await?;
-    topology.declare(&publish_channel).await?;
+    link.topology.declare(&publish_channel).await?;
     publish_channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
     let reply_channel = connection.create_channel().await?;
-    let reply_queue = reply_channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
+    let reply_queue = link
+        .topology
+        .declare_reply_queue(&reply_channel, &link.instance)
         .await?;
-    let reply_queue = reply_queue.name().to_string();
+    // Exclusive: a consumer of a previous connection that RabbitMQ still
+    // thinks alive would take (and, with no acks, lose) results; until it
+    // is gone, this open fails and is retried.
     let consumer = reply_channel
         .basic_consume(
             reply_queue.as_str().into(),
             "distribuidor-results".into(),
             BasicConsumeOptions {
                 no_ack: true,
+                exclusive: true,
                 ..BasicConsumeOptions::default()
             },
             FieldTable::default(),

@@ -208,7 +208,7 @@ impl Shared {
     }
 }
 
-fn report_from_record(task_id: &TaskId, record: TaskRecord) -> TaskReport {
+pub(crate) fn report_from_record(task_id: &TaskId, record: TaskRecord) -> TaskReport {
     TaskReport {
         task_id: task_id.clone(),
         status: record.state,

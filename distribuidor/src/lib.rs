@@ -8,12 +8,14 @@
 //! - [`intake`]: validate, record, publish with confirm, ack; status queries.
 //! - [`broker`]: the RabbitMQ link: confirms, reconnects, this instance's reply queue.
 //! - [`router`]: routes results from the reply queue to the waiting connections.
+//! - [`recovery`]: after a reconnect, pushes results that finished while the link was down.
 
 pub mod broker;
 pub mod config;
 pub mod connection;
 pub mod framing;
 pub mod intake;
+pub mod recovery;
 pub mod router;
 pub mod server;
 
@@ -57,6 +59,12 @@ impl Distribuidor {
             router.clone(),
             broker_stop.clone(),
         );
+        tokio::spawn(recovery::run(
+            broker.clone(),
+            router.clone(),
+            db.clone(),
+            broker_stop.clone(),
+        ));
         let (migrated_tx, migrated) = watch::channel(false);
         let migrating = db.clone();
         tokio::spawn(async move {

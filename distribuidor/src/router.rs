@@ -73,6 +73,11 @@ impl Router {
         delivered
     }
 
+    /// The tasks that have subscribers.
+    pub fn waiting(&self) -> Vec<TaskId> {
+        self.lock().keys().cloned().collect()
+    }
+
     /// How many tasks have subscribers (for tests and metrics).
     pub fn len(&self) -> usize {
         self.lock().len()

@@ -214,6 +214,48 @@ async fn rabbitmq_restart_loses_no_acked_task() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_reach_a_waiting_client_across_a_rabbitmq_restart() {
+    let mut deployment = Deployment::new().await;
+    let distribuidor = deployment
+        .start_distribuidor(deployment.distribuidor_config())
+        .await;
+    deployment.start_worker(deployment.worker_config("w-rmq-results", 2));
+    // 20 × 200 ms on two slots: about two seconds of work, and RabbitMQ
+    // goes away in the middle of it. The client stays connected throughout.
+    let mut client = distribuidor.client().await;
+    for _ in 0..20 {
+        client
+            .send(&Request::Task(task("sleep", json!({"ms": 200}))))
+            .await
+            .expect("send");
+    }
+    let mut acked = BTreeSet::new();
+    let mut results = BTreeSet::new();
+    let take =
+        |reply: Reply, acked: &mut BTreeSet<String>, results: &mut BTreeSet<String>| match reply {
+            Reply::Ack { task_id, .. } => acked.insert(task_id.to_string()),
+            Reply::Result(report) => {
+                assert_eq!(report.status, TaskState::Succeeded, "{report:?}");
+                results.insert(report.task_id.to_string())
+            }
+            other => panic!("expected acks and results, got {other:?}"),
+        };
+    while acked.len() < 20 {
+        take(next(&mut client).await, &mut acked, &mut results);
+    }
+    {
+        let _restore = rabbitmq_stop();
+        expect_unavailable(&distribuidor).await;
+    }
+    while results.len() < 20 {
+        // Each wait fails the test after LIMIT: a lost push is a hang.
+        take(next(&mut client).await, &mut acked, &mut results);
+    }
+    assert_eq!(results, acked, "every acked task's result was pushed");
+    deployment.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restart_loses_no_acked_task() {
     let mut deployment = Deployment::new().await;
     let distribuidor = deployment
@@ -236,7 +278,11 @@ async fn s3_restart_holds_results_until_it_is_back() {
     let distribuidor = deployment
         .start_distribuidor(deployment.distribuidor_config())
         .await;
-    deployment.start_worker(deployment.worker_config("w-s3", 2));
+    let worker = deployment.worker_config("w-s3", 2);
+    // Two run slots, three messages held: a slot is freed before storing.
+    let held = worker.prefetch();
+    assert_eq!(held, 3);
+    deployment.start_worker(worker);
     // The worker is consuming (it checked the bucket at start-up).
     let warmup = submit_batch(&distribuidor, 1, 1).await;
     assert_all_stored(&warmup, TaskState::Succeeded).await;
@@ -261,19 +307,19 @@ async fn s3_restart_holds_results_until_it_is_back() {
             finished
         };
         let deadline = tokio::time::Instant::now() + LIMIT;
-        while finished().await < 2 {
+        while finished().await < held {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "the tasks never ran"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        // The two prefetched tasks ran, but cannot be acked without S3, so
-        // the worker takes no more: watch for a while that none does.
+        // The prefetched tasks ran, but cannot be acked without S3, so the
+        // worker takes no more: watch for a while that none does.
         for _ in 0..20 {
             assert_eq!(
                 finished().await,
-                2,
+                held,
                 "the worker took new work while its results could not be stored"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -7,6 +7,7 @@ mod bad_input;
 mod bench_smoke;
 mod deployment;
 mod pipeline;
+mod recovery;
 mod reliability;
 mod scaling;
 mod slots;

@@ -209,6 +209,15 @@ impl Db {
         row.map(|row| record(task_id, &row)).transpose()
     }
 
+    /// The rows of those `task_ids` that exist.
+    pub async fn records(
+        &self,
+        task_ids: &[&str],
+    ) -> Result<std::collections::HashMap<String, TaskRecord>, DbError> {
+        let client = self.pool.get().await?;
+        records_by_id(&client, task_ids).await
+    }
+
     /// Claims a delivered task for `worker_id`, marking it `running`
     /// (creating its row if a publisher other than the distribuidor sent it).
     ///
