@@ -57,7 +57,8 @@ async fn bench_harness_smoke() {
         "{rendered}"
     );
 
-    // Submission only, paced: acks without results.
+    // Submission only, paced: acks without results, and RabbitMQ's own
+    // confirm latency at that rate first.
     let args = Bench::parse_from([
         "bench",
         "--tasks",
@@ -65,6 +66,9 @@ async fn bench_harness_smoke() {
         "--acks-only",
         "--rate",
         "500",
+        "--confirm-baseline",
+        "--baseline-tasks",
+        "50",
         "--quiet",
     ])
     .args;
@@ -73,5 +77,11 @@ async fn bench_harness_smoke() {
         .expect("acks-only run");
     assert_eq!(report.acked, 100);
     assert_eq!(report.results, 0);
+    let floor = report
+        .rabbitmq_confirm_latency_ms
+        .as_ref()
+        .expect("confirm latency measured");
+    assert_eq!(floor.samples, 50);
+    assert!(report.render().contains("RabbitMQ confirm"));
     deployment.stop().await;
 }

@@ -7,8 +7,11 @@
 //! - PostgreSQL: rows like `tasks` rows upserted in multi-row batches over
 //!   a few connections into a scratch table with the same schema.
 //! - S3: result-sized objects PUT at the worker's concurrency.
+//!
+//! And one latency: RabbitMQ's publish-to-confirm time for such messages
+//! published one by one at a fixed rate, the floor under the ack latency.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -25,6 +28,7 @@ use tareas_common::task::{TaskId, TaskMessage};
 use tareas_worker::store::s3::S3Store;
 use tokio_postgres::NoTls;
 
+use super::report::Latency;
 use super::BenchArgs;
 
 /// Operations per second of each dependency alone.
@@ -81,54 +85,69 @@ fn per_sec(count: usize, elapsed: Duration) -> f64 {
     count as f64 / elapsed.as_secs_f64().max(1e-9)
 }
 
+/// RabbitMQ's publish-to-confirm latency for `count` task-sized persistent
+/// messages offered at `rate` per second to a scratch quorum queue that is
+/// consumed meanwhile, as the work queue is.
+pub async fn rabbitmq_confirm_latency(
+    args: &BenchArgs,
+    count: usize,
+    rate: f64,
+) -> anyhow::Result<Latency> {
+    let message = TaskMessage {
+        task_id: TaskId::generate(),
+        task_type: args.task_type.clone(),
+        payload: args.payload()?,
+        notify: true,
+    };
+    let body = Arc::new(serde_json::to_vec(&message)?);
+    let scratch = ScratchQueue::open(&args.broker.amqp_url, count).await?;
+    let latencies = Arc::new(Mutex::new(super::load::histogram()));
+    let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(0.001)));
+    let mut confirms = tokio::task::JoinSet::new();
+    for _ in 0..count {
+        ticks.tick().await;
+        let (publisher, queue, body, latencies) = (
+            scratch.publisher.clone(),
+            scratch.queue.clone(),
+            body.clone(),
+            latencies.clone(),
+        );
+        // One task per message: its latency is taken when the confirm
+        // arrives, not when the loop gets round to it.
+        confirms.spawn(async move {
+            let started = Instant::now();
+            let properties = BasicProperties::default().with_delivery_mode(2);
+            publisher
+                .basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    properties,
+                )
+                .await?
+                .await?;
+            let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+            latencies
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .saturating_record(micros.max(1));
+            Ok::<(), lapin::Error>(())
+        });
+    }
+    while let Some(confirm) = confirms.join_next().await {
+        confirm.context("publisher task panicked")??;
+    }
+    scratch.consumed().await?.finish().await?;
+    let latencies = latencies
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    Ok(Latency::of(&latencies))
+}
+
 async fn rabbitmq(url: &str, body: &[u8], count: usize) -> anyhow::Result<f64> {
-    let connection = Connection::connect(url, ConnectionProperties::default()).await?;
-    let publisher = connection.create_channel().await?;
-    publisher
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    let queue = format!("tareas-baseline-{}", uuid::Uuid::new_v4());
-    let mut arguments = FieldTable::default();
-    arguments.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString(LongString::from("quorum")),
-    );
-    publisher
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            arguments,
-        )
-        .await?;
-    let consumer_channel = connection.create_channel().await?;
-    let closing = consumer_channel.clone();
-    consumer_channel
-        .basic_qos(1000, BasicQosOptions::default())
-        .await?;
-    let mut consumer = consumer_channel
-        .basic_consume(
-            queue.as_str().into(),
-            "baseline".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let scratch = ScratchQueue::open(url, count).await?;
     let started = Instant::now();
-    let consuming = tokio::spawn(async move {
-        let mut consumed = 0;
-        while consumed < count {
-            let Some(delivery) = consumer.next().await else {
-                break;
-            };
-            let delivery = delivery?;
-            delivery.ack(BasicAckOptions::default()).await?;
-            consumed += 1;
-        }
-        Ok::<usize, lapin::Error>(consumed)
-    });
     let mut confirms = FuturesUnordered::new();
     for _ in 0..count {
         if confirms.len() >= 1000 {
@@ -137,10 +156,11 @@ async fn rabbitmq(url: &str, body: &[u8], count: usize) -> anyhow::Result<f64> {
             }
         }
         let properties = BasicProperties::default().with_delivery_mode(2);
-        let confirm = publisher
+        let confirm = scratch
+            .publisher
             .basic_publish(
                 "".into(),
-                queue.as_str().into(),
+                scratch.queue.as_str().into(),
                 BasicPublishOptions::default(),
                 body,
                 properties,
@@ -151,15 +171,102 @@ async fn rabbitmq(url: &str, body: &[u8], count: usize) -> anyhow::Result<f64> {
     while let Some(confirm) = confirms.next().await {
         confirm?;
     }
-    let consumed = consuming.await.context("consumer panicked")??;
+    let scratch = scratch.consumed().await?;
     let elapsed = started.elapsed();
-    anyhow::ensure!(consumed == count, "consumed {consumed} of {count}");
-    closing.close(200, "baseline consumed".into()).await?;
-    publisher
-        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-        .await?;
-    let _ = connection.close(200, "baseline done".into()).await;
+    scratch.finish().await?;
     Ok(per_sec(count, elapsed))
+}
+
+/// A scratch durable quorum queue (like `tareas`) with a publishing channel
+/// in confirm mode and a consumer acking every message as it comes.
+struct ScratchQueue {
+    connection: Connection,
+    publisher: lapin::Channel,
+    queue: String,
+    consumer_channel: lapin::Channel,
+    consuming: tokio::task::JoinHandle<Result<usize, lapin::Error>>,
+    expected: usize,
+}
+
+impl ScratchQueue {
+    /// Declares the queue and starts consuming `expected` messages.
+    async fn open(url: &str, expected: usize) -> anyhow::Result<ScratchQueue> {
+        let connection = Connection::connect(url, ConnectionProperties::default()).await?;
+        let publisher = connection.create_channel().await?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let queue = format!("tareas-baseline-{}", uuid::Uuid::new_v4());
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(LongString::from("quorum")),
+        );
+        publisher
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                arguments,
+            )
+            .await?;
+        let consumer_channel = connection.create_channel().await?;
+        consumer_channel
+            .basic_qos(1000, BasicQosOptions::default())
+            .await?;
+        let mut consumer = consumer_channel
+            .basic_consume(
+                queue.as_str().into(),
+                "baseline".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let consuming = tokio::spawn(async move {
+            let mut consumed = 0;
+            while consumed < expected {
+                let Some(delivery) = consumer.next().await else {
+                    break;
+                };
+                delivery?.ack(BasicAckOptions::default()).await?;
+                consumed += 1;
+            }
+            Ok::<usize, lapin::Error>(consumed)
+        });
+        Ok(ScratchQueue {
+            connection,
+            publisher,
+            queue,
+            consumer_channel,
+            consuming,
+            expected,
+        })
+    }
+
+    /// Waits until every expected message was consumed.
+    async fn consumed(mut self) -> anyhow::Result<ScratchQueue> {
+        let consumed = (&mut self.consuming).await.context("consumer panicked")??;
+        anyhow::ensure!(
+            consumed == self.expected,
+            "consumed {consumed} of {}",
+            self.expected
+        );
+        Ok(self)
+    }
+
+    /// Deletes the queue and closes the connection.
+    async fn finish(self) -> anyhow::Result<()> {
+        self.consumer_channel
+            .close(200, "baseline consumed".into())
+            .await?;
+        self.publisher
+            .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
+            .await?;
+        let _ = self.connection.close(200, "baseline done".into()).await;
+        Ok(())
+    }
 }
 
 async fn postgres(url: &str, message: &TaskMessage, count: usize) -> anyhow::Result<f64> {

@@ -128,7 +128,7 @@ pub async fn run(addr: &str, args: &BenchArgs, limit: Duration) -> anyhow::Resul
         .map_err(|_| anyhow::anyhow!("poisoned"))
 }
 
-fn histogram() -> Histogram<u64> {
+pub(crate) fn histogram() -> Histogram<u64> {
     // 1 µs to 1 hour, 3 significant digits.
     Histogram::new_with_bounds(1, 3_600_000_000, 3)
         .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))

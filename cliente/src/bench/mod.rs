@@ -55,6 +55,11 @@ pub struct BenchArgs {
     /// Also measure the bare dependencies: RabbitMQ, PostgreSQL, S3.
     #[arg(long)]
     pub baseline: bool,
+    /// Before the load, measure RabbitMQ's own publish-to-confirm latency
+    /// at --rate (the floor of the ack latency): messages of the task's size
+    /// published one by one to a scratch quorum queue, nothing else running.
+    #[arg(long, requires = "rate")]
+    pub confirm_baseline: bool,
     /// Messages/rows/objects per baseline measurement (default: --tasks, at most 20000).
     #[arg(long)]
     pub baseline_tasks: Option<usize>,
@@ -98,6 +103,13 @@ pub async fn run(addr: &str, args: &BenchArgs) -> anyhow::Result<Report> {
     } else {
         None
     };
+    let confirm_baseline = match args.rate {
+        Some(rate) if args.confirm_baseline => {
+            let count = args.baseline_tasks.unwrap_or(args.tasks.min(20_000)).max(1);
+            Some(baseline::rabbitmq_confirm_latency(args, count, rate).await?)
+        }
+        _ => None,
+    };
     let load = load::run(addr, args, Duration::from_secs(args.bench_timeout)).await?;
-    Ok(Report::new(args, load, baseline))
+    Ok(Report::new(args, load, baseline, confirm_baseline))
 }

@@ -21,7 +21,7 @@ pub struct Latency {
 }
 
 impl Latency {
-    fn of(histogram: &Histogram<u64>) -> Latency {
+    pub(crate) fn of(histogram: &Histogram<u64>) -> Latency {
         let ms = |micros: u64| micros as f64 / 1000.0;
         Latency {
             p50: ms(histogram.value_at_quantile(0.50)),
@@ -57,10 +57,17 @@ pub struct Report {
     pub ratio_to_slowest: Option<f64>,
     /// The dependency with the lowest baseline.
     pub bounded_by: Option<String>,
+    /// RabbitMQ alone at the same rate: publish to confirm (`--confirm-baseline`).
+    pub rabbitmq_confirm_latency_ms: Option<Latency>,
 }
 
 impl Report {
-    pub fn new(args: &BenchArgs, load: LoadResult, baseline: Option<Baseline>) -> Report {
+    pub fn new(
+        args: &BenchArgs,
+        load: LoadResult,
+        baseline: Option<Baseline>,
+        rabbitmq_confirm_latency_ms: Option<Latency>,
+    ) -> Report {
         let rate = |count: usize, elapsed: std::time::Duration| {
             if count == 0 {
                 0.0
@@ -95,6 +102,7 @@ impl Report {
             ratio_to_slowest: slowest.map(|(_, per_sec)| measured / per_sec),
             bounded_by: slowest.map(|(name, _)| name.to_owned()),
             baseline,
+            rabbitmq_confirm_latency_ms,
         }
     }
 
@@ -142,6 +150,16 @@ impl Report {
             )
         };
         line(&mut out, row("ack latency", &self.ack_latency_ms));
+        if let Some(floor) = &self.rabbitmq_confirm_latency_ms {
+            line(&mut out, row("RabbitMQ confirm", floor));
+            line(
+                &mut out,
+                format!(
+                    "           ack p99 = {:.2} × RabbitMQ's own confirm p99 alone at this rate",
+                    self.ack_latency_ms.p99 / floor.p99.max(1e-9)
+                ),
+            );
+        }
         if self.end_to_end_latency_ms.samples > 0 {
             line(
                 &mut out,
