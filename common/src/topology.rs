@@ -52,10 +52,6 @@ impl Topology {
     /// Declares the work queue, the dead-letter exchange and the dead-letter
     /// queue on `channel`.
     pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
-        let durable = QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
-        };
         channel
             .exchange_declare(
                 self.dead_letter_exchange().as_str().into(),
@@ -67,13 +63,7 @@ impl Topology {
                 FieldTable::default(),
             )
             .await?;
-        channel
-            .queue_declare(
-                self.dead_letter_queue().as_str().into(),
-                durable,
-                quorum_arguments(),
-            )
-            .await?;
+        declare_durable(channel, &self.dead_letter_queue(), quorum_arguments()).await?;
         channel
             .queue_bind(
                 self.dead_letter_queue().as_str().into(),
@@ -92,10 +82,7 @@ impl Topology {
             "x-dead-letter-exchange".into(),
             AMQPValue::LongString(LongString::from(self.dead_letter_exchange().as_str())),
         );
-        channel
-            .queue_declare(self.queue.as_str().into(), durable, arguments)
-            .await?;
-        Ok(())
+        declare_durable(channel, &self.queue, arguments).await
     }
 }
 
@@ -133,13 +120,7 @@ impl Topology {
             "x-overflow".into(),
             AMQPValue::LongString(LongString::from("reject-publish")),
         );
-        let durable = QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
-        };
-        channel
-            .queue_declare(name.as_str().into(), durable, arguments)
-            .await?;
+        declare_durable(channel, &name, arguments).await?;
         Ok(name)
     }
 }
@@ -162,15 +143,24 @@ impl Topology {
             "x-expires".into(),
             AMQPValue::LongLongInt(REPLY_QUEUE_EXPIRES_MS),
         );
-        let durable = QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
-        };
-        channel
-            .queue_declare(name.as_str().into(), durable, arguments)
-            .await?;
+        declare_durable(channel, &name, arguments).await?;
         Ok(name)
     }
+}
+
+async fn declare_durable(
+    channel: &Channel,
+    name: &str,
+    arguments: FieldTable,
+) -> Result<(), lapin::Error> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(name.into(), durable, arguments)
+        .await?;
+    Ok(())
 }
 
 fn quorum_arguments() -> FieldTable {
