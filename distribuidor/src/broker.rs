@@ -30,6 +30,8 @@ use crate::router::Router;
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long connecting and declaring everything may take.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long each step of closing may take at shutdown.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Why a task could not be handed to RabbitMQ. In every case the task was
 /// not accepted.
@@ -69,13 +71,14 @@ pub struct Broker {
 
 impl Broker {
     /// Starts the supervisor. The link comes up in the background; until it
-    /// does, publishes fail with [`PublishError::Disconnected`].
+    /// does, publishes fail with [`PublishError::Disconnected`]. The handle
+    /// ends once `shutdown` closed the link.
     pub fn start(
         amqp_url: String,
         topology: Topology,
         router: Arc<Router>,
         shutdown: CancellationToken,
-    ) -> Broker {
+    ) -> (Broker, tokio::task::JoinHandle<()>) {
         let (tx, rx) = watch::channel(None);
         let (connects_tx, connects) = watch::channel(0);
         let topology = Arc::new(topology);
@@ -84,12 +87,13 @@ impl Broker {
             topology: topology.clone(),
             instance: uuid::Uuid::new_v4().simple().to_string(),
         };
-        tokio::spawn(supervise(link, router, tx, connects_tx, shutdown));
-        Broker {
+        let supervisor = tokio::spawn(supervise(link, router, tx, connects_tx, shutdown));
+        let broker = Broker {
             session: rx,
             connects,
             topology,
-        }
+        };
+        (broker, supervisor)
     }
 
     /// Counts the times the link came up: `changed()` fires on each (re)connect.
@@ -203,10 +207,10 @@ async fn supervise(
                     last.reply_queue.as_str().into(),
                     QueueDeleteOptions::default(),
                 );
-                let _ = tokio::time::timeout(OPEN_TIMEOUT, delete).await;
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, delete).await;
             }
             let _ = tokio::time::timeout(
-                OPEN_TIMEOUT,
+                CLOSE_TIMEOUT,
                 connection.close(200, "distribuidor shutting down".into()),
             )
             .await;

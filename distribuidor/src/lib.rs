@@ -41,6 +41,8 @@ pub struct Distribuidor {
     migrated: watch::Receiver<bool>,
     /// Closes the RabbitMQ link, once the connections have drained.
     broker_stop: CancellationToken,
+    /// Ends when the link is closed (and this instance's reply queue deleted).
+    broker_link: tokio::task::JoinHandle<()>,
 }
 
 impl Distribuidor {
@@ -53,7 +55,7 @@ impl Distribuidor {
         // when it fires still need their publishes confirmed. `serve` closes
         // it after the last connection has drained.
         let broker_stop = CancellationToken::new();
-        let broker = Broker::start(
+        let (broker, broker_link) = Broker::start(
             config.broker.amqp_url.clone(),
             Topology::new(config.broker.queue.clone()),
             router.clone(),
@@ -93,6 +95,7 @@ impl Distribuidor {
             config,
             migrated,
             broker_stop,
+            broker_link,
         })
     }
 
@@ -108,5 +111,8 @@ impl Distribuidor {
     pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) {
         server::run(listener, self.shared, self.config.limits, shutdown).await;
         self.broker_stop.cancel();
+        // Closing waits for RabbitMQ at most a few seconds per step; the
+        // process must not exit halfway, leaving its reply queue behind.
+        let _ = self.broker_link.await;
     }
 }

@@ -153,7 +153,7 @@ async fn compose_environment_runs_three_workers_and_survives_stopping_one() {
         probe.local_addr().expect("addr").to_string()
     };
     let values = local_values(&deployment.queue, &addr);
-    let _distribuidor = spawn("distribuidor", "distribuidor", &values, &[]);
+    let mut distribuidor = spawn("distribuidor", "distribuidor", &values, &[]);
     let health = std::env::temp_dir();
     let mut workers: Vec<Child> = (1..=3)
         .map(|i| {
@@ -257,5 +257,25 @@ async fn compose_environment_runs_three_workers_and_survives_stopping_one() {
     for worker in &mut workers[1..] {
         let _ = worker.start_kill();
     }
+    // `docker compose stop` of the distribuidor: it drains, closes its
+    // RabbitMQ link and deletes its reply queue before the process exits.
+    assert_eq!(util::reply_queues(&deployment.queue).len(), 1);
+    drop(client);
+    let pid = distribuidor.id().expect("distribuidor pid");
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exit = tokio::time::timeout(LIMIT, distribuidor.wait())
+        .await
+        .expect("the distribuidor stopped in time")
+        .expect("wait");
+    assert!(exit.success(), "the distribuidor exits cleanly: {exit}");
+    assert_eq!(
+        util::reply_queues(&deployment.queue),
+        Vec::<String>::new(),
+        "no reply queue left behind"
+    );
     deployment.stop().await;
 }

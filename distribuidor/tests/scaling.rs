@@ -81,3 +81,16 @@ async fn results_reach_the_client_whichever_distribuidor_it_used() {
     }
     deployment.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_distribuidor_deletes_its_reply_queue_when_it_stops() {
+    let mut deployment = Deployment::new().await;
+    let queue = deployment.queue.clone();
+    deployment
+        .start_distribuidor(deployment.distribuidor_config())
+        .await;
+    let running = crate::util::reply_queues(&queue);
+    assert_eq!(running.len(), 1, "{running:?}");
+    deployment.stop().await;
+    assert_eq!(crate::util::reply_queues(&queue), Vec::<String>::new());
+}

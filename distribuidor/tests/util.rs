@@ -244,6 +244,22 @@ pub async fn wait_for_ready_messages(queue: &str, n: u32) {
     let _ = connection.close(200, "done".into()).await;
 }
 
+/// The reply queues of distribuidores on `queue`, by name (`rabbitmqctl`:
+/// AMQP cannot list queues).
+pub fn reply_queues(queue: &str) -> Vec<String> {
+    let output = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_queues", "name"])
+        .output()
+        .expect("rabbitmqctl");
+    assert!(output.status.success(), "rabbitmqctl list_queues failed");
+    let prefix = format!("{queue}.reply.");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|name| name.starts_with(&prefix))
+        .map(str::to_owned)
+        .collect()
+}
+
 /// A task request.
 pub fn task(task_type: &str, payload: Value) -> TaskRequest {
     TaskRequest {
