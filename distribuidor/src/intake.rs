@@ -111,9 +111,12 @@ impl Shared {
         if recorded.is_ok() {
             POSTGRES.succeeded();
         }
-        let is_new = matches!(recorded, Ok(Submission::New));
+        let new_version = match &recorded {
+            Ok(Submission::New(version)) => Some(version.clone()),
+            _ => None,
+        };
         let must_publish = match recorded {
-            Ok(Submission::New) => true,
+            Ok(Submission::New(_)) => true,
             Ok(Submission::Existing(record)) if record.state.is_terminal() => {
                 self.router.unsubscribe(&task_id, connection);
                 let mut replies = vec![ack];
@@ -143,12 +146,19 @@ impl Shared {
                     err,
                     PublishError::Disconnected | PublishError::Nacked | PublishError::Unroutable(_)
                 );
-                if is_new && refused {
-                    if let Err(err) = self.db.forget_unpublished(task_id.as_str()).await {
+                if let (Some(version), true) = (&new_version, refused) {
+                    if let Err(err) = self.db.forget_unpublished(task_id.as_str(), version).await {
                         tracing::debug!(task_id = %task_id, cause = %err, "could not remove the unpublished row");
                     }
                 }
                 return unavailable(format!("broker unavailable ({err})"));
+            }
+            if new_version.is_none() {
+                // A resubmission of a queued task, published again: make
+                // sure a refused twin does not remove the row it is acked on.
+                if let Err(err) = self.db.keep_queued(&task).await {
+                    tracing::debug!(task_id = %task_id, cause = %err, "could not keep the queued row");
+                }
             }
         }
         tracing::debug!(

@@ -468,3 +468,67 @@ async fn a_client_waiting_for_many_results_is_slowed_not_buffered() {
     }
     deployment.stop().await;
 }
+
+/// Two submissions of one id race a RabbitMQ failure: A wrote the row and
+/// its publish was refused, B found the row queued and its publish went
+/// through. Whatever order their last writes come in, the row B was acked
+/// on stays; A alone removes its own row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_submission_never_removes_a_row_another_one_published() {
+    use tareas_common::db::Submission;
+    use tareas_common::task::TaskId;
+
+    let db = util::db();
+    db.migrate().await.expect("migrate");
+    let message = || TaskMessage {
+        task_id: TaskId::generate(),
+        task_type: "echo".into(),
+        payload: json!({"text": "twice"}),
+        notify: false,
+    };
+    let state = |id: TaskId| {
+        let db = db.clone();
+        async move {
+            db.status(id.as_str())
+                .await
+                .expect("status")
+                .map(|r| r.state)
+        }
+    };
+    for b_first in [true, false] {
+        let task = message();
+        let Submission::New(version) = db.insert_queued(&task).await.expect("A") else {
+            panic!("A writes the row")
+        };
+        let b = db.insert_queued(&task).await.expect("B");
+        assert!(matches!(b, Submission::Existing(_)), "{b:?}");
+        if b_first {
+            db.keep_queued(&task).await.expect("B keeps");
+            db.forget_unpublished(task.task_id.as_str(), &version)
+                .await
+                .expect("A forgets");
+        } else {
+            db.forget_unpublished(task.task_id.as_str(), &version)
+                .await
+                .expect("A forgets");
+            db.keep_queued(&task).await.expect("B keeps");
+        }
+        assert_eq!(
+            state(task.task_id.clone()).await,
+            Some(TaskState::Queued),
+            "B's ack stands (B first: {b_first})"
+        );
+    }
+    let alone = message();
+    let Submission::New(version) = db.insert_queued(&alone).await.expect("insert") else {
+        panic!("a new row")
+    };
+    db.forget_unpublished(alone.task_id.as_str(), &version)
+        .await
+        .expect("forget");
+    assert_eq!(
+        state(alone.task_id.clone()).await,
+        None,
+        "no row outlives a refusal"
+    );
+}

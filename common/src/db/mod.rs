@@ -57,11 +57,17 @@ pub struct TaskRecord {
 /// What became of a submission.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Submission {
-    /// A new row, state `queued`.
-    New,
+    /// A new row, state `queued`, in this version.
+    New(RowVersion),
     /// The task id was already known; its row as it stands.
     Existing(TaskRecord),
 }
+
+/// The version of a row one submission wrote (PostgreSQL's `xmin`): if its
+/// publish is refused, that submission removes the row only while it is
+/// still this version, never after another submission republished it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowVersion(String);
 
 /// What a worker may do with a delivered task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -260,13 +266,39 @@ impl Db {
     }
 
     /// Removes the row of a submission that RabbitMQ certainly did not take
-    /// (the client got `unavailable`), so no `queued` row outlives it.
-    pub async fn forget_unpublished(&self, task_id: &str) -> Result<(), DbError> {
+    /// (the client got `unavailable`), so no `queued` row outlives it —
+    /// unless another submission of the same id published it meanwhile
+    /// ([`Db::keep_queued`] changed its version).
+    pub async fn forget_unpublished(
+        &self,
+        task_id: &str,
+        version: &RowVersion,
+    ) -> Result<(), DbError> {
         let client = self.pool.get().await?;
         client
             .execute(
-                "DELETE FROM tasks WHERE task_id = $1 AND state = 'queued' AND attempts = 0",
-                &[&task_id],
+                "DELETE FROM tasks
+                 WHERE task_id = $1 AND state = 'queued' AND attempts = 0 AND xmin::text = $2",
+                &[&task_id, &version.0],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// After republishing a task whose row was `queued`: gives the row a new
+    /// version, so a concurrent refused submission does not remove it, or
+    /// writes it again if one already did. A row that moved on is left alone.
+    pub async fn keep_queued(&self, task: &TaskMessage) -> Result<(), DbError> {
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "WITH touched AS (
+                     UPDATE tasks SET state = state WHERE task_id = $1 AND state = 'queued'
+                     RETURNING task_id)
+                 INSERT INTO tasks (task_id, task_type, payload, state)
+                 SELECT $1, $2, $3, 'queued' WHERE NOT EXISTS (SELECT 1 FROM touched)
+                 ON CONFLICT (task_id) DO NOTHING",
+                &[&task.task_id.as_str(), &task.task_type, &task.payload],
             )
             .await?;
         Ok(())
@@ -339,29 +371,38 @@ async fn insert_queued_batch(
             "INSERT INTO tasks (task_id, task_type, payload, state)
              SELECT id, task_type, payload, 'queued' FROM UNNEST($1::text[], $2::text[], $3::jsonb[]) AS u(id, task_type, payload)
              ON CONFLICT (task_id) DO NOTHING
-             RETURNING task_id",
+             RETURNING task_id, xmin::text",
         )
         .await?;
     let rows = client.query(&statement, &[&ids, &types, &payloads]).await?;
-    let mut inserted: std::collections::HashSet<String> =
-        rows.iter().map(|row| row.get::<_, String>(0)).collect();
+    let mut inserted: std::collections::HashMap<String, String> = rows
+        .iter()
+        .map(|row| (row.get::<_, String>(0), row.get::<_, String>(1)))
+        .collect();
     let known: Vec<&str> = ids
         .iter()
         .copied()
-        .filter(|id| !inserted.contains(*id))
+        .filter(|id| !inserted.contains_key(*id))
         .collect();
     let existing = records_by_id(&client, &known).await?;
     let answers = tasks
         .iter()
         .map(|task| {
             let id = task.task_id.as_str();
-            // The first call for an id gets the new row; a repeat sees it as existing.
-            if inserted.remove(id) {
-                return Ok(Submission::New);
+            // The first call for an id gets the new row; a repeat in the
+            // same batch sees it as it is, queued.
+            if let Some(version) = inserted.remove(id) {
+                return Ok(Submission::New(RowVersion(version)));
             }
             Ok(match existing.get(id) {
                 Some(record) => Submission::Existing(record.clone()),
-                None => Submission::New,
+                None => Submission::Existing(TaskRecord {
+                    state: TaskState::Queued,
+                    result: None,
+                    error: None,
+                    worker_id: None,
+                    duration_ms: None,
+                }),
             })
         })
         .collect();
