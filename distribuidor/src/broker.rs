@@ -182,7 +182,14 @@ async fn supervise(
             }
         })
         .await;
-        let Some((connection, publish_channel, consumer, reply_queue)) = connected else {
+        let Some(Opened {
+            connection,
+            publish_channel,
+            reply_channel,
+            consumer,
+            reply_queue,
+        }) = connected
+        else {
             return;
         };
         tracing::info!(queue = %topology.queue, reply_queue = %reply_queue, "connected to RabbitMQ");
@@ -201,6 +208,13 @@ async fn supervise(
                 "lost the RabbitMQ connection; new tasks get `unavailable` until it is back"
             );
         } else {
+            // Stop consuming first: deleting a queue that still has a
+            // consumer makes RabbitMQ cancel it while the link is closing.
+            let _ = tokio::time::timeout(
+                CLOSE_TIMEOUT,
+                reply_channel.close(200, "distribuidor shutting down".into()),
+            )
+            .await;
             if let Some(last) = last {
                 // Its clients are gone: nobody waits for what would arrive.
                 let delete = last.channel.queue_delete(
@@ -208,6 +222,10 @@ async fn supervise(
                     QueueDeleteOptions::default(),
                 );
                 let _ = tokio::time::timeout(CLOSE_TIMEOUT, delete).await;
+                // Closed here, not on drop: a channel still closing when the
+                // connection closes makes lapin log a connection error.
+                let close = last.channel.close(200, "distribuidor shutting down".into());
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
             }
             let _ = tokio::time::timeout(
                 CLOSE_TIMEOUT,
@@ -221,7 +239,18 @@ async fn supervise(
 
 /// Connects, declares the topology and this instance's reply queue, and
 /// starts consuming it.
-async fn open(link: &Link) -> Result<(Connection, Channel, lapin::Consumer, String), lapin::Error> {
+/// An open link.
+struct Opened {
+    connection: Connection,
+    /// In confirm mode.
+    publish_channel: Channel,
+    /// Consumes `reply_queue`.
+    reply_channel: Channel,
+    consumer: lapin::Consumer,
+    reply_queue: String,
+}
+
+async fn open(link: &Link) -> Result<Opened, lapin::Error> {
     let connection = Connection::connect(&link.amqp_url, ConnectionProperties::default()).await?;
     let publish_channel = connection.create_channel().await?;
     link.topology.declare(&publish_channel).await?;
@@ -248,7 +277,13 @@ async fn open(link: &Link) -> Result<(Connection, Channel, lapin::Consumer, Stri
             FieldTable::default(),
         )
         .await?;
-    Ok((connection, publish_channel, consumer, reply_queue))
+    Ok(Opened {
+        connection,
+        publish_channel,
+        reply_channel,
+        consumer,
+        reply_queue,
+    })
 }
 
 /// Hands every result on the reply queue to the router; returns when the
