@@ -203,42 +203,37 @@ async fn supervise(
             () = route_results(consumer, &router) => true,
         };
         let last = session.send_replace(None);
-        if lost {
-            tracing::error!(
-                "lost the RabbitMQ connection; new tasks get `unavailable` until it is back"
-            );
-        } else {
-            // Stop consuming first: deleting a queue that still has a
-            // consumer makes RabbitMQ cancel it while the link is closing.
-            let _ = tokio::time::timeout(
-                CLOSE_TIMEOUT,
-                reply_channel.close(200, "distribuidor shutting down".into()),
-            )
-            .await;
-            if let Some(last) = last {
-                // Its clients are gone: nobody waits for what would arrive.
-                let delete = last.channel.queue_delete(
-                    last.reply_queue.as_str().into(),
-                    QueueDeleteOptions::default(),
-                );
-                let _ = tokio::time::timeout(CLOSE_TIMEOUT, delete).await;
-                // Closed here, not on drop: a channel still closing when the
-                // connection closes makes lapin log a connection error.
-                let close = last.channel.close(200, "distribuidor shutting down".into());
-                let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
-            }
-            let _ = tokio::time::timeout(
-                CLOSE_TIMEOUT,
-                connection.close(200, "distribuidor shutting down".into()),
-            )
-            .await;
+        if !lost {
+            close(connection, reply_channel, last).await;
             return;
         }
+        tracing::error!(
+            "lost the RabbitMQ connection; new tasks get `unavailable` until it is back"
+        );
     }
 }
 
-/// Connects, declares the topology and this instance's reply queue, and
-/// starts consuming it.
+/// Closes the link at shutdown, each step within [`CLOSE_TIMEOUT`]: stop
+/// consuming, delete the reply queue (its clients are gone: nobody waits
+/// for what would arrive), close the channels, then the connection.
+async fn close(connection: Connection, reply_channel: Channel, last: Option<Session>) {
+    const REASON: &str = "distribuidor shutting down";
+    // Consuming stops first: deleting a queue that still has a consumer
+    // makes RabbitMQ cancel it while the link is closing.
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, reply_channel.close(200, REASON.into())).await;
+    if let Some(last) = last {
+        let delete = last.channel.queue_delete(
+            last.reply_queue.as_str().into(),
+            QueueDeleteOptions::default(),
+        );
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, delete).await;
+        // Closed here, not on drop: a channel still closing when the
+        // connection closes makes lapin log a connection error.
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, last.channel.close(200, REASON.into())).await;
+    }
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, connection.close(200, REASON.into())).await;
+}
+
 /// An open link.
 struct Opened {
     connection: Connection,
