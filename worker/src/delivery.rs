@@ -149,11 +149,13 @@ async fn handle(ctx: &Context, task: &TaskMessage, redelivered: bool, stop: &Sto
         return Handled::Abandoned;
     };
     let claimed = started.elapsed();
+    if !matches!(claim, Claim::Started { attempt } if attempt <= ctx.retry.max_attempts) {
+        drop(slot.take()); // nothing to run
+    }
     let mut ran = Duration::ZERO;
     let (document, dead_letter) = match claim {
         Claim::RunningElsewhere => return Handled::Duplicate,
         Claim::Finished => {
-            drop(slot.take());
             // Finished before (a redelivery): store and report what is recorded.
             match retry_until_ok(&POSTGRES, abandon, || ctx.db.document(task_id)).await {
                 Some(Some(document)) => (document, false),
