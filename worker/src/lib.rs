@@ -7,9 +7,9 @@
 //! - [`registry`]: task_type → handler, and the handler error type.
 //! - [`builtins`]: the built-in task types.
 //! - [`health`]: the heartbeat file behind `worker --check-health`.
-//! - [`executor`]: runs one handler: blocking pool, time limit, panics caught.
+//! - [`executor`]: runs one handler: blocking pool or polled in place, time limit, panics caught.
 //! - [`consumer`]: the RabbitMQ session: prefetch, reconnects, drain on shutdown.
-//! - [`delivery`]: one delivery to its ack: claim, run, retry, store, reply, dead-letter.
+//! - [`delivery`]: one delivery to its ack: run slot, claim, run, retry, store, reply, dead-letter.
 //! - [`retry`]: the retry policy: attempts, exponential backoff, jitter.
 //! - [`time_limits`]: the time limit of each task type.
 //! - [`store`]: the S3 side of persistence (PostgreSQL is `tareas_common::db`).
