@@ -43,16 +43,7 @@ fn inline_when_small(
         if payload_size(&payload, INLINE_PAYLOAD_LIMIT) <= INLINE_PAYLOAD_LIMIT {
             return futures::future::ready(handler(payload)).boxed();
         }
-        async move {
-            match tokio::task::spawn_blocking(move || handler(payload)).await {
-                Ok(result) => result,
-                Err(join) if join.is_panic() => Err(crate::executor::panicked(join.into_panic())),
-                Err(join) => Err(TaskError::transient(format!(
-                    "the handler was cancelled: {join}"
-                ))),
-            }
-        }
-        .boxed()
+        crate::executor::on_blocking_pool(move || handler(payload)).boxed()
     }
 }
 

@@ -8,7 +8,7 @@ use futures::FutureExt;
 use serde_json::Value;
 use tareas_common::task::{TaskMessage, TaskState};
 
-use crate::registry::{ErrorKind, Handler, Registry, TaskError};
+use crate::registry::{ErrorKind, Handler, Registry, TaskError, TaskResult};
 
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -56,13 +56,8 @@ async fn run(handler: &Handler, payload: Value, time_limit: Duration) -> Result<
     match handler {
         Handler::Blocking(f) => {
             let f = f.clone();
-            let task = tokio::task::spawn_blocking(move || f(payload));
-            match tokio::time::timeout(time_limit, task).await {
-                Ok(Ok(result)) => result,
-                Ok(Err(join)) if join.is_panic() => Err(panicked(join.into_panic())),
-                Ok(Err(join)) => Err(TaskError::transient(format!(
-                    "the handler was cancelled: {join}"
-                ))),
+            match tokio::time::timeout(time_limit, on_blocking_pool(move || f(payload))).await {
+                Ok(result) => result,
                 // A blocking handler cannot be stopped: it runs on, detached.
                 Err(_) => Err(over_time_limit(time_limit)),
             }
@@ -85,8 +80,22 @@ async fn run(handler: &Handler, payload: Value, time_limit: Duration) -> Result<
     }
 }
 
+/// Runs `work` on tokio's blocking pool; a panic or a cancellation there
+/// becomes the task's error.
+pub(crate) async fn on_blocking_pool(
+    work: impl FnOnce() -> TaskResult + Send + 'static,
+) -> TaskResult {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result,
+        Err(join) if join.is_panic() => Err(panicked(join.into_panic())),
+        Err(join) => Err(TaskError::transient(format!(
+            "the handler was cancelled: {join}"
+        ))),
+    }
+}
+
 /// A panic counts as a failed attempt: it may be a passing condition.
-pub(crate) fn panicked(panic: Box<dyn std::any::Any + Send>) -> TaskError {
+fn panicked(panic: Box<dyn std::any::Any + Send>) -> TaskError {
     TaskError::transient(format!("the handler panicked: {}", panic_message(panic)))
 }
 
