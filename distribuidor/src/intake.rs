@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use tareas_common::builtin::{self, PayloadError};
-use tareas_common::db::{Db, Submission, TaskRecord};
+use tareas_common::db::{Db, RowVersion, Submission, TaskRecord};
 use tareas_common::protocol::{ErrorCode, Reply, RequestError, StatusState, TaskRequest};
 use tareas_common::task::{TaskId, TaskMessage, TaskReport, TaskState};
 
@@ -111,12 +111,8 @@ impl Shared {
         if recorded.is_ok() {
             POSTGRES.succeeded();
         }
-        let new_version = match &recorded {
-            Ok(Submission::New(version)) => Some(version.clone()),
-            _ => None,
-        };
-        let must_publish = match recorded {
-            Ok(Submission::New(_)) => true,
+        let publish = match recorded {
+            Ok(Submission::New(version)) => Publish::NewRow(version),
             Ok(Submission::Existing(record)) if record.state.is_terminal() => {
                 self.router.unsubscribe(&task_id, connection);
                 let mut replies = vec![ack];
@@ -128,14 +124,18 @@ impl Shared {
                     subscribed: None,
                 };
             }
-            Ok(Submission::Existing(record)) => record.state == TaskState::Queued,
+            Ok(Submission::Existing(record)) if record.state == TaskState::Queued => {
+                Publish::QueuedAgain
+            }
+            // Running: the message that runs it is in RabbitMQ already.
+            Ok(Submission::Existing(_)) => Publish::Nothing,
             Err(err) => {
                 POSTGRES.failed(&err);
                 self.router.unsubscribe(&task_id, connection);
                 return unavailable(format!("database unavailable ({err})"));
             }
         };
-        if must_publish {
+        if !matches!(publish, Publish::Nothing) {
             if let Err(err) = self.broker.publish(&task).await {
                 if !matches!(err, PublishError::Disconnected) {
                     tracing::warn!(task_id = %task_id, cause = %err, "publish failed; the client gets `unavailable`");
@@ -146,16 +146,16 @@ impl Shared {
                     err,
                     PublishError::Disconnected | PublishError::Nacked | PublishError::Unroutable(_)
                 );
-                if let (Some(version), true) = (&new_version, refused) {
+                if let (Publish::NewRow(version), true) = (&publish, refused) {
                     if let Err(err) = self.db.forget_unpublished(task_id.as_str(), version).await {
                         tracing::debug!(task_id = %task_id, cause = %err, "could not remove the unpublished row");
                     }
                 }
                 return unavailable(format!("broker unavailable ({err})"));
             }
-            if new_version.is_none() {
-                // A resubmission of a queued task, published again: make
-                // sure a refused twin does not remove the row it is acked on.
+            if matches!(publish, Publish::QueuedAgain) {
+                // Make sure a refused twin does not remove the row this
+                // submission is acked on.
                 if let Err(err) = self.db.keep_queued(&task).await {
                     tracing::debug!(task_id = %task_id, cause = %err, "could not keep the queued row");
                 }
@@ -216,6 +216,16 @@ impl Shared {
             }
         }
     }
+}
+
+/// What a submission publishes, from what PostgreSQL said of its id.
+enum Publish {
+    /// A new row, in this version.
+    NewRow(RowVersion),
+    /// A resubmission of a task still `queued`: published again.
+    QueuedAgain,
+    /// A resubmission of a running task.
+    Nothing,
 }
 
 pub(crate) fn report_from_record(task_id: &TaskId, record: TaskRecord) -> TaskReport {
