@@ -82,8 +82,8 @@ enum DlqCommand {
     },
 }
 
-/// mimalloc: the hot paths allocate many small, short-lived buffers (JSON,
-/// AMQP frames, HTTP requests) across threads; see docs/performance.md.
+/// mimalloc, as in the worker: `bench --baseline` measures S3 with the
+/// worker's own S3 client, and so with the worker's allocator.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -97,15 +97,14 @@ impl BenchArgs {
 
 /// Runs the bench (and the baseline when asked) against `addr`.
 pub async fn run(addr: &str, args: &BenchArgs) -> anyhow::Result<Report> {
+    let count = args.baseline_tasks.unwrap_or(args.tasks.min(20_000)).max(1);
     let baseline = if args.baseline {
-        let count = args.baseline_tasks.unwrap_or(args.tasks.min(20_000)).max(1);
         Some(baseline::measure(args, count).await?)
     } else {
         None
     };
     let confirm_baseline = match args.rate {
         Some(rate) if args.confirm_baseline => {
-            let count = args.baseline_tasks.unwrap_or(args.tasks.min(20_000)).max(1);
             Some(baseline::rabbitmq_confirm_latency(args, count, rate).await?)
         }
         _ => None,
