@@ -30,8 +30,9 @@ use crate::router::Router;
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long connecting and declaring everything may take.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long each step of closing may take at shutdown.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long closing may take at shutdown, all steps together: after the
+/// 30 s drain this still ends within compose's 40 s `stop_grace_period`.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a task could not be handed to RabbitMQ. In every case the task was
 /// not accepted.
@@ -213,25 +214,32 @@ async fn supervise(
     }
 }
 
-/// Closes the link at shutdown, each step within [`CLOSE_TIMEOUT`]: stop
-/// consuming, delete the reply queue (its clients are gone: nobody waits
-/// for what would arrive), close the channels, then the connection.
+/// Closes the link at shutdown, within [`CLOSE_TIMEOUT`]: stop consuming,
+/// delete the reply queue (its clients are gone: nobody waits for what
+/// would arrive), close the channels, then the connection.
 async fn close(connection: Connection, reply_channel: Channel, last: Option<Session>) {
     const REASON: &str = "distribuidor shutting down";
-    // Consuming stops first: deleting a queue that still has a consumer
-    // makes RabbitMQ cancel it while the link is closing.
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, reply_channel.close(200, REASON.into())).await;
-    if let Some(last) = last {
-        let delete = last.channel.queue_delete(
-            last.reply_queue.as_str().into(),
-            QueueDeleteOptions::default(),
-        );
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, delete).await;
-        // Closed here, not on drop: a channel still closing when the
-        // connection closes makes lapin log a connection error.
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, last.channel.close(200, REASON.into())).await;
+    let steps = async {
+        // Consuming stops first: deleting a queue that still has a consumer
+        // makes RabbitMQ cancel it while the link is closing.
+        let _ = reply_channel.close(200, REASON.into()).await;
+        if let Some(last) = last {
+            let _ = last
+                .channel
+                .queue_delete(
+                    last.reply_queue.as_str().into(),
+                    QueueDeleteOptions::default(),
+                )
+                .await;
+            // Closed here, not on drop: a channel still closing when the
+            // connection closes makes lapin log a connection error.
+            let _ = last.channel.close(200, REASON.into()).await;
+        }
+        let _ = connection.close(200, REASON.into()).await;
+    };
+    if tokio::time::timeout(CLOSE_TIMEOUT, steps).await.is_err() {
+        tracing::warn!("RabbitMQ did not answer while closing; this instance's reply queue expires by itself in 10 minutes");
     }
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, connection.close(200, REASON.into())).await;
 }
 
 /// An open link.
