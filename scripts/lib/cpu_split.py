@@ -5,7 +5,8 @@
     cpu_split.py report FILE TASKS      # print CPU used since FILE, per task
 
 Components are grouped by process name; everything else the machine did
-(kernel threads, writeback, other processes) is reported as "other".
+(kernel threads, writeback, the bench client, which has exited by the
+report, other processes) is reported as "other".
 """
 import json
 import os
@@ -17,7 +18,6 @@ GROUPS = {
     "s3s-fs": "S3 server",
     "distribuidor": "distribuidor",
     "worker": "worker",
-    "cliente": "bench client",
 }
 
 
@@ -50,7 +50,7 @@ def report(before, after, tasks):
         used[group] = sum(t - old.get(pid, 0) for pid, t in pids.items())
     busy = after["busy"] - before["busy"]
     elapsed = (after["total"] - before["total"]) / os.cpu_count()
-    used["other (kernel, writeback, rest)"] = max(0, busy - sum(used.values()))
+    used["other (kernel, bench client, rest)"] = max(0, busy - sum(used.values()))
     rows = sorted(used.items(), key=lambda kv: -kv[1])
     print(f"CPU over {elapsed / hz:.1f} s, {busy / max(1, after['total'] - before['total']) * 100:.0f}% of {os.cpu_count()} cores busy, {tasks} tasks")
     for group, ticks in rows:
