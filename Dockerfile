@@ -4,7 +4,7 @@
 #   docker run tareas worker
 
 # --- chef: the toolchain plus cargo-chef, shared by the build stages ---
-FROM rust:1.95-slim-bookworm AS chef
+FROM rust:1.95.0-slim-bookworm AS chef
 RUN cargo install --locked cargo-chef@0.1.73
 WORKDIR /app
 
@@ -21,7 +21,7 @@ COPY . .
 RUN cargo build --release --locked -p tareas-distribuidor -p tareas-worker -p cliente
 
 # --- runtime: Debian slim, CA certificates, a non-root user ---
-FROM debian:bookworm-slim AS runtime
+FROM debian:12.14-slim AS runtime
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/* \

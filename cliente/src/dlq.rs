@@ -11,10 +11,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use lapin::message::BasicGetMessage;
-use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use tareas_common::config::{BrokerArgs, DatabaseArgs};
+use tareas_common::config::{redacted, BrokerArgs, DatabaseArgs};
 use tareas_common::db::Db;
 use tareas_common::task::TaskMessage;
 use tareas_common::topology::Topology;
@@ -39,7 +41,12 @@ pub struct DeadLetter {
 async fn open(broker: &BrokerArgs) -> anyhow::Result<(Connection, Channel, Topology)> {
     let connection = Connection::connect(&broker.amqp_url, ConnectionProperties::default())
         .await
-        .with_context(|| format!("cannot reach RabbitMQ at {} (AMQP_URL)", broker.amqp_url))?;
+        .with_context(|| {
+            format!(
+                "cannot reach RabbitMQ at {} (AMQP_URL)",
+                redacted(&broker.amqp_url)
+            )
+        })?;
     let channel = connection.create_channel().await?;
     let topology = Topology::new(broker.queue.clone());
     topology
@@ -91,10 +98,29 @@ fn death_reason(headers: Option<&FieldTable>) -> Option<String> {
 }
 
 /// The dead-lettered messages, left in place.
+///
+/// They are handed back with an explicit `basic.nack` (requeue) rather than
+/// by closing the channel: since RabbitMQ 4.3 a nack does not count as a
+/// failed delivery, while a channel closed on unacked messages does, and
+/// RabbitMQ 4 drops a message of a quorum queue without a dead-letter target
+/// after 20 of them (its default delivery limit). Listing must not wear dead
+/// letters out.
 pub async fn list(broker: &BrokerArgs) -> anyhow::Result<Vec<DeadLetter>> {
     let (connection, channel, topology) = open(broker).await?;
     let messages = fetch_all(&channel, &topology).await?;
     let listed = messages.iter().map(describe).collect();
+    if let Some(last) = messages.last() {
+        channel
+            .basic_nack(
+                last.delivery.delivery_tag,
+                BasicNackOptions {
+                    multiple: true,
+                    requeue: true,
+                },
+            )
+            .await
+            .context("handing the dead letters back to RabbitMQ")?;
+    }
     let _ = channel.close(200, "listed".into()).await;
     let _ = connection.close(200, "listed".into()).await;
     Ok(listed)

@@ -89,7 +89,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = tareas_common::config::parse();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

@@ -2,7 +2,43 @@
 //! every flag has an environment twin and a default that matches the local
 //! services started by `scripts/services`.
 
-use clap::{Args, ValueEnum};
+use clap::{Args, Command, Parser, ValueEnum};
+
+/// Parses the command line and the environment into `C`, reading an
+/// environment variable that is set but empty as unset (its default
+/// applies). docker-compose passes `${TAREAS_X:-}` as an empty value when
+/// `.env` leaves a setting out, and an empty number cannot be parsed.
+/// Exits with clap's message on a bad flag, like `C::parse()`.
+pub fn parse<C: Parser>() -> C {
+    parse_from::<C, _, _>(std::env::args_os())
+}
+
+/// [`parse`] with the arguments given (the environment is still read).
+pub fn parse_from<C, I, T>(args: I) -> C
+where
+    C: Parser,
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let matches = without_empty_env(C::command()).get_matches_from(args);
+    C::from_arg_matches(&matches).unwrap_or_else(|err| err.exit())
+}
+
+fn without_empty_env(command: Command) -> Command {
+    command
+        .mut_args(|arg| {
+            let empty = arg
+                .get_env()
+                .and_then(std::env::var_os)
+                .is_some_and(|value| value.is_empty());
+            if empty {
+                arg.env(None)
+            } else {
+                arg
+            }
+        })
+        .mut_subcommands(without_empty_env)
+}
 
 /// Where RabbitMQ is and which queue carries the tasks.
 #[derive(Debug, Clone, Args)]
@@ -11,7 +47,8 @@ pub struct BrokerArgs {
     #[arg(
         long,
         env = "AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true
     )]
     pub amqp_url: String,
     /// The work queue; its dead-letter queue is `<queue>.dlq`.
@@ -26,7 +63,8 @@ pub struct DatabaseArgs {
     #[arg(
         long,
         env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/tareas"
+        default_value = "postgres://postgres@127.0.0.1:5432/tareas",
+        hide_env_values = true
     )]
     pub database_url: String,
 }
@@ -68,4 +106,44 @@ pub struct LogArgs {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// `url` with its password replaced by `***`, for logs and error messages:
+/// `amqp://tareas:secret@rabbitmq:5672/%2f` → `amqp://tareas:***@rabbitmq:5672/%2f`.
+/// A URL without a password comes back unchanged.
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    // The user info ends at the last `@` before the path.
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    match rest[..at].split_once(':') {
+        Some((user, _password)) => format!("{scheme}://{user}:***{}", &rest[at..]),
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redacted;
+
+    #[test]
+    fn redacted_hides_the_password_and_keeps_the_rest() {
+        assert_eq!(
+            redacted("amqp://tareas:s3cr@t@rabbitmq:5672/%2f"),
+            "amqp://tareas:***@rabbitmq:5672/%2f"
+        );
+        assert_eq!(
+            redacted("postgres://tareas:pw@postgres:5432/tareas"),
+            "postgres://tareas:***@postgres:5432/tareas"
+        );
+        assert_eq!(
+            redacted("postgres://postgres@127.0.0.1:5432/tareas"),
+            "postgres://postgres@127.0.0.1:5432/tareas"
+        );
+        assert_eq!(redacted("not a url"), "not a url");
+    }
 }

@@ -59,6 +59,6 @@ pub struct Limits {
 impl Config {
     /// The defaults, as if no flag or environment variable were set.
     pub fn defaults() -> Config {
-        Config::parse_from(["distribuidor"])
+        tareas_common::config::parse_from(["distribuidor"])
     }
 }

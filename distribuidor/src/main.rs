@@ -3,13 +3,13 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::Parser;
+use tareas_common::config::redacted;
 use tareas_distribuidor::config::Config;
 use tareas_distribuidor::Distribuidor;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = Config::parse();
+    let config: Config = tareas_common::config::parse();
     tareas_common::telemetry::init(config.log.log_format);
     match run(config).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -31,7 +31,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 config.addr
             )
         })?;
-    tracing::info!(addr = %listener.local_addr()?, queue = %config.broker.queue, "distribuidor listening");
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        queue = %config.broker.queue,
+        amqp = %redacted(&config.broker.amqp_url),
+        database = %redacted(&config.database.database_url),
+        "distribuidor listening"
+    );
     let distribuidor = Distribuidor::start(config, shutdown.clone())?;
     distribuidor.serve(listener, shutdown).await;
     tracing::info!("distribuidor stopped");

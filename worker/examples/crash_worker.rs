@@ -5,12 +5,11 @@
 //! cargo run -p tareas-worker --example crash_worker
 //! ```
 
-use clap::Parser;
 use tareas_worker::{builtins, Registry, Worker, WorkerConfig};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = WorkerConfig::parse();
+    let config: WorkerConfig = tareas_common::config::parse();
     tareas_common::telemetry::init(config.log.log_format);
     let mut registry = Registry::new();
     builtins::register(&mut registry);

@@ -6,14 +6,13 @@
 //! cargo run -p cliente -- submit word_count --payload '{"text":"uno dos tres"}' --wait
 //! ```
 
-use clap::Parser;
 use serde_json::json;
 use tareas_worker::registry::TaskError;
 use tareas_worker::{builtins, Registry, Worker, WorkerConfig};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = WorkerConfig::parse();
+    let config: WorkerConfig = tareas_common::config::parse();
     tareas_common::telemetry::init(config.log.log_format);
     let mut registry = Registry::new();
     builtins::register(&mut registry);

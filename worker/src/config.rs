@@ -65,7 +65,7 @@ pub struct WorkerConfig {
 impl WorkerConfig {
     /// The defaults, as if no flag or environment variable were set.
     pub fn defaults() -> WorkerConfig {
-        WorkerConfig::parse_from(["worker"])
+        tareas_common::config::parse_from(["worker"])
     }
 
     pub fn concurrency(&self) -> usize {

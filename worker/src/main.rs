@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use tareas_common::config::redacted;
 use tareas_worker::{Worker, WorkerConfig};
 
 /// mimalloc: the hot paths allocate many small, short-lived buffers (JSON,
@@ -12,7 +12,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = WorkerConfig::parse();
+    let config: WorkerConfig = tareas_common::config::parse();
     if config.check_health {
         return match tareas_worker::health::check(&config.health_file) {
             Ok(()) => ExitCode::SUCCESS,
@@ -31,7 +31,14 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    tracing::info!(worker_id = worker.worker_id(), queue = %config.broker.queue, "worker starting");
+    tracing::info!(
+        worker_id = worker.worker_id(),
+        queue = %config.broker.queue,
+        amqp = %redacted(&config.broker.amqp_url),
+        database = %redacted(&config.database.database_url),
+        s3 = %config.s3.s3_endpoint,
+        "worker starting"
+    );
     worker.run(shutdown).await;
     tracing::info!("worker stopped");
     ExitCode::SUCCESS
