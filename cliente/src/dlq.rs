@@ -7,15 +7,12 @@
 //! It talks to RabbitMQ and PostgreSQL directly (AMQP_URL, DATABASE_URL),
 //! not through the distribuidor.
 
-use std::time::Duration;
-
 use anyhow::{bail, Context};
 use lapin::message::BasicGetMessage;
-use lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions,
-};
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{Channel, Connection};
+use tareas_common::amqp::{self, Envelope};
 use tareas_common::config::{redacted, BrokerArgs, DatabaseArgs};
 use tareas_common::db::Db;
 use tareas_common::task::TaskMessage;
@@ -39,7 +36,7 @@ pub struct DeadLetter {
 }
 
 async fn open(broker: &BrokerArgs) -> anyhow::Result<(Connection, Channel, Topology)> {
-    let connection = Connection::connect(&broker.amqp_url, ConnectionProperties::default())
+    let connection = amqp::connect(&broker.amqp_url, "cliente-dlq")
         .await
         .with_context(|| {
             format!(
@@ -47,7 +44,8 @@ async fn open(broker: &BrokerArgs) -> anyhow::Result<(Connection, Channel, Topol
                 redacted(&broker.amqp_url)
             )
         })?;
-    let channel = connection.create_channel().await?;
+    // Confirm mode: a replay is published by the one rule.
+    let channel = amqp::confirm_channel(&connection).await?;
     let topology = Topology::new(broker.queue.clone());
     topology
         .declare(&channel)
@@ -134,9 +132,6 @@ pub async fn replay(
 ) -> anyhow::Result<Vec<String>> {
     let db = Db::new(&database.database_url, 2)?;
     let (connection, channel, topology) = open(broker).await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
     let messages = fetch_all(&channel, &topology).await?;
     let mut replayed = Vec::new();
     for message in &messages {
@@ -158,33 +153,15 @@ pub async fn replay(
                     task.task_id
                 )
             })?;
-        let mut properties = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type("application/json".into());
-        if let Some(reply_to) = message.delivery.properties.reply_to() {
-            properties = properties.with_reply_to(reply_to.clone());
-        }
-        let confirm = channel
-            .basic_publish(
-                "".into(),
-                topology.queue.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                &message.delivery.data,
-                properties,
-            )
-            .await?;
-        let confirmation = tokio::time::timeout(Duration::from_secs(10), confirm)
+        let envelope = Envelope::forwarded(task.task_id.as_str(), &message.delivery.properties);
+        amqp::publish_persistent(&channel, &topology.queue, &message.delivery.data, envelope)
             .await
-            .context("RabbitMQ did not confirm the replay in time")??;
-        if confirmation.is_nack() || confirmation.take_message().is_some() {
-            bail!(
-                "RabbitMQ refused the replay of {}; it stays in the dead-letter queue",
-                task.task_id
-            );
-        }
+            .with_context(|| {
+                format!(
+                    "RabbitMQ did not take the replay of {}; it stays in the dead-letter queue",
+                    task.task_id
+                )
+            })?;
         channel
             .basic_ack(message.delivery.delivery_tag, BasicAckOptions::default())
             .await?;

@@ -5,12 +5,14 @@
 //! - [`task`]: task ids, task states, and the messages that travel through RabbitMQ.
 //! - [`builtin`]: the catalogue of built-in task types and their payload validation.
 //! - [`topology`]: queue and exchange names and their declarations.
+//! - [`amqp`]: named connections, confirm channels, and the one persistent publish.
 //! - [`db`]: the `tasks` table: migrations and every query against it.
 //! - [`config`]: command-line/environment pieces shared by the binaries.
 //! - [`backoff`]: exponential backoff with jitter for reconnect loops.
 //! - [`shutdown`]: SIGINT/SIGTERM as a cancellation token.
 //! - [`telemetry`]: tracing set-up.
 
+pub mod amqp;
 pub mod backoff;
 pub mod builtin;
 pub mod config;

@@ -163,7 +163,8 @@ async fn declare_durable(
     Ok(())
 }
 
-fn quorum_arguments() -> FieldTable {
+/// The arguments of a durable quorum queue (replicated, at-least-once).
+pub fn quorum_arguments() -> FieldTable {
     let mut arguments = FieldTable::default();
     arguments.insert(
         "x-queue-type".into(),

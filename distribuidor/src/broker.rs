@@ -13,11 +13,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions,
-};
+use lapin::options::{BasicConsumeOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{Channel, Connection};
+use tareas_common::amqp::{self, Envelope, PublishError};
 use tareas_common::backoff::RABBITMQ;
 use tareas_common::task::{TaskMessage, TaskReport};
 use tareas_common::topology::Topology;
@@ -26,29 +25,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::router::Router;
 
-/// How long a publish may wait for RabbitMQ's confirm.
-const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long connecting and declaring everything may take.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long closing may take at shutdown, all steps together: after the
 /// 30 s drain this still ends within compose's 40 s `stop_grace_period`.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Why a task could not be handed to RabbitMQ. In every case the task was
-/// not accepted.
-#[derive(Debug, thiserror::Error)]
-pub enum PublishError {
-    #[error("RabbitMQ is unreachable")]
-    Disconnected,
-    #[error("RabbitMQ refused the message: {0}")]
-    Amqp(#[from] lapin::Error),
-    #[error("RabbitMQ did not confirm the message within {0:?}")]
-    Timeout(Duration),
-    #[error("RabbitMQ nacked the message")]
-    Nacked,
-    #[error("RabbitMQ returned the message as unroutable: is queue {0:?} missing?")]
-    Unroutable(String),
-}
 
 /// What the link holds while it is up.
 #[derive(Clone)]
@@ -113,46 +94,19 @@ impl Broker {
         let _ = session.wait_for(Option::is_some).await;
     }
 
-    /// Publishes `task` as a persistent, mandatory message and waits for
-    /// RabbitMQ's confirm. `Ok` means the task is durably queued.
+    /// Publishes `task` to the work queue by the one rule
+    /// ([`amqp::publish_persistent`]); its result is to come back to this
+    /// instance's reply queue. `Ok` means the task is durably queued.
     pub async fn publish(&self, task: &TaskMessage) -> Result<(), PublishError> {
-        tokio::time::timeout(CONFIRM_TIMEOUT, self.publish_confirmed(task))
-            .await
-            .map_err(|_| PublishError::Timeout(CONFIRM_TIMEOUT))?
-    }
-
-    async fn publish_confirmed(&self, task: &TaskMessage) -> Result<(), PublishError> {
         let Some(session) = self.session.borrow().clone() else {
             return Err(PublishError::Disconnected);
         };
-        let body = serde_json::to_vec(task).unwrap_or_default();
-        let properties = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type("application/json".into())
-            .with_message_id(task.task_id.as_str().into())
-            .with_correlation_id(task.task_id.as_str().into())
-            .with_reply_to(session.reply_queue.as_str().into());
-        let confirm = session
-            .channel
-            .basic_publish(
-                "".into(),
-                self.topology.queue.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                &body,
-                properties,
-            )
-            .await?;
-        let confirmation = confirm.await?;
-        if confirmation.is_nack() {
-            return Err(PublishError::Nacked);
-        }
-        if confirmation.take_message().is_some() {
-            return Err(PublishError::Unroutable(self.topology.queue.clone()));
-        }
-        Ok(())
+        let body = serde_json::to_vec(task).expect("a TaskMessage always serializes");
+        let envelope = Envelope::task(
+            task.task_id.as_str(),
+            Some(session.reply_queue.as_str().into()),
+        );
+        amqp::publish_persistent(&session.channel, &self.topology.queue, &body, envelope).await
     }
 }
 
@@ -254,12 +208,10 @@ struct Opened {
 }
 
 async fn open(link: &Link) -> Result<Opened, lapin::Error> {
-    let connection = Connection::connect(&link.amqp_url, ConnectionProperties::default()).await?;
-    let publish_channel = connection.create_channel().await?;
+    let name = format!("distribuidor-{}", link.instance);
+    let connection = amqp::connect(&link.amqp_url, &name).await?;
+    let publish_channel = amqp::confirm_channel(&connection).await?;
     link.topology.declare(&publish_channel).await?;
-    publish_channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
     let reply_channel = connection.create_channel().await?;
     let reply_queue = link
         .topology

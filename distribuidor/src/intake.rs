@@ -12,7 +12,8 @@ use tareas_common::task::{TaskId, TaskMessage, TaskReport, TaskState};
 
 use tareas_common::backoff::POSTGRES;
 
-use crate::broker::{Broker, PublishError};
+use crate::broker::Broker;
+use tareas_common::amqp::PublishError;
 use crate::router::{ConnectionId, ResultSender, Router};
 
 /// What every connection shares.
@@ -142,11 +143,7 @@ impl Shared {
                 }
                 self.router.unsubscribe(&task_id, connection);
                 // Certainly not queued: do not leave a `queued` row behind.
-                let refused = matches!(
-                    err,
-                    PublishError::Disconnected | PublishError::Nacked | PublishError::Unroutable(_)
-                );
-                if let (Publish::NewRow(version), true) = (&publish, refused) {
+                if let (Publish::NewRow(version), true) = (&publish, err.certainly_not_queued()) {
                     if let Err(err) = self.db.forget_unpublished(task_id.as_str(), version).await {
                         tracing::debug!(task_id = %task_id, cause = %err, "could not remove the unpublished row");
                     }

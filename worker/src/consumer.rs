@@ -11,11 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
-};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::{Channel, Connection};
+use tareas_common::amqp;
 use tareas_common::backoff::{retry_until_ok, RABBITMQ};
 use tareas_common::db::Db;
 use tareas_common::topology::Topology;
@@ -128,17 +127,14 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
 }
 
 async fn open(ctx: &Context) -> Result<(Connection, Channels, lapin::Consumer), lapin::Error> {
-    let connection = Connection::connect(&ctx.amqp_url, ConnectionProperties::default()).await?;
+    let connection = amqp::connect(&ctx.amqp_url, &ctx.worker_id).await?;
     let consume = connection.create_channel().await?;
     ctx.topology.declare(&consume).await?;
     let prefetch = u16::try_from(ctx.prefetch).unwrap_or(u16::MAX);
     consume
         .basic_qos(prefetch, BasicQosOptions::default())
         .await?;
-    let publish = connection.create_channel().await?;
-    publish
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
+    let publish = amqp::confirm_channel(&connection).await?;
     let consumer = consume
         .basic_consume(
             ctx.topology.queue.as_str().into(),

@@ -23,6 +23,7 @@ use std::time::Duration;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions, BasicRejectOptions};
 use lapin::{BasicProperties, Channel};
+use tareas_common::amqp::{self, Envelope, PublishError};
 use serde_json::Value;
 use tareas_common::backoff::{random_fraction, retry_until_ok, POSTGRES, S3};
 use tareas_common::db::{Claim, Finish};
@@ -30,9 +31,6 @@ use tareas_common::task::{TaskMessage, TaskReport, TaskState};
 
 use crate::consumer::{Channels, Context};
 use crate::executor::{self, Outcome};
-
-/// How long a publish to a retry queue may wait for its confirm.
-const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What became of one delivery.
 enum Handled {
@@ -95,7 +93,7 @@ pub async fn process(ctx: Arc<Context>, channels: Channels, delivery: Delivery, 
                 }
             }
             Handled::Retry { delay_ms } => {
-                match publish_retry(&ctx, &channels.publish, &delivery, delay_ms).await {
+                match publish_retry(&ctx, &channels.publish, &task, &delivery, delay_ms).await {
                     Ok(()) => delivery.ack(BasicAckOptions::default()).await,
                     Err(err) => {
                         tracing::warn!(task_id = %task_id, cause = %err, "cannot schedule the retry; handing the task back");
@@ -255,50 +253,18 @@ fn gave_up(attempts: u32) -> Outcome {
     }
 }
 
-/// Publishes a copy of `delivery` to the retry queue for `delay_ms`, and
-/// waits for RabbitMQ's confirm.
+/// Publishes a copy of `delivery` to the retry queue for `delay_ms`, by
+/// the one rule ([`amqp::publish_persistent`]).
 async fn publish_retry(
     ctx: &Context,
     channel: &Channel,
+    task: &TaskMessage,
     delivery: &Delivery,
     delay_ms: u64,
-) -> Result<(), String> {
-    let queue = ctx
-        .topology
-        .declare_retry_queue(channel, delay_ms)
-        .await
-        .map_err(|err| err.to_string())?;
-    let mut properties = BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_content_type("application/json".into());
-    if let Some(reply_to) = delivery.properties.reply_to() {
-        properties = properties.with_reply_to(reply_to.clone());
-    }
-    if let Some(correlation_id) = delivery.properties.correlation_id() {
-        properties = properties.with_correlation_id(correlation_id.clone());
-    }
-    let options = BasicPublishOptions {
-        mandatory: true,
-        ..BasicPublishOptions::default()
-    };
-    let confirm = channel
-        .basic_publish(
-            "".into(),
-            queue.as_str().into(),
-            options,
-            &delivery.data,
-            properties,
-        )
-        .await
-        .map_err(|err| err.to_string())?;
-    let confirmation = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
-        .await
-        .map_err(|_| "no confirm in time".to_owned())?
-        .map_err(|err| err.to_string())?;
-    if confirmation.is_nack() || confirmation.take_message().is_some() {
-        return Err(format!("RabbitMQ did not accept the message into {queue}"));
-    }
-    Ok(())
+) -> Result<(), PublishError> {
+    let queue = ctx.topology.declare_retry_queue(channel, delay_ms).await?;
+    let envelope = Envelope::forwarded(task.task_id.as_str(), &delivery.properties);
+    amqp::publish_persistent(channel, &queue, &delivery.data, envelope).await
 }
 
 /// Releases the claim and returns the message to the queue.
@@ -343,7 +309,7 @@ fn report_from_document(task: &TaskMessage, document: &Value) -> Option<TaskRepo
 /// Sends a report to a distribuidor's reply queue. Best effort: the result
 /// is already stored, and a client can always ask for it by status.
 async fn send_report(channel: &Channel, reply_to: &str, report: &TaskReport) {
-    let body = serde_json::to_vec(report).unwrap_or_default();
+    let body = serde_json::to_vec(report).expect("a TaskReport always serializes");
     let properties = BasicProperties::default()
         .with_content_type("application/json".into())
         .with_correlation_id(report.task_id.as_str().into());
@@ -354,7 +320,7 @@ async fn send_report(channel: &Channel, reply_to: &str, report: &TaskReport) {
         &body,
         properties,
     );
-    let cause = match tokio::time::timeout(CONFIRM_TIMEOUT, publish).await {
+    let cause = match tokio::time::timeout(amqp::CONFIRM_TIMEOUT, publish).await {
         Ok(Ok(_)) => return,
         Ok(Err(err)) => err.to_string(),
         Err(_) => "RabbitMQ did not take it in time".to_owned(),

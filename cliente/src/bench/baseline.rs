@@ -17,11 +17,11 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use futures::stream::{FuturesUnordered, StreamExt, TryStreamExt};
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::types::FieldTable;
+use lapin::Connection;
+use tareas_common::amqp::{self, Envelope, PublishError};
 use serde::Serialize;
 use serde_json::json;
 use tareas_common::task::{TaskId, TaskMessage};
@@ -116,23 +116,13 @@ pub async fn rabbitmq_confirm_latency(
         // arrives, not when the loop gets round to it.
         confirms.spawn(async move {
             let started = Instant::now();
-            let properties = BasicProperties::default().with_delivery_mode(2);
-            publisher
-                .basic_publish(
-                    "".into(),
-                    queue.as_str().into(),
-                    BasicPublishOptions::default(),
-                    &body,
-                    properties,
-                )
-                .await?
-                .await?;
+            amqp::publish_persistent(&publisher, &queue, &body, Envelope::default()).await?;
             let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
             latencies
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .saturating_record(micros.max(1));
-            Ok::<(), lapin::Error>(())
+            Ok::<(), PublishError>(())
         });
     }
     while let Some(confirm) = confirms.join_next().await {
@@ -155,22 +145,18 @@ async fn rabbitmq(url: &str, body: &[u8], count: usize) -> anyhow::Result<f64> {
                 confirm?;
             }
         }
-        let properties = BasicProperties::default().with_delivery_mode(2);
-        let confirm = scratch
-            .publisher
-            .basic_publish(
-                "".into(),
-                scratch.queue.as_str().into(),
-                BasicPublishOptions::default(),
-                body,
-                properties,
-            )
-            .await?;
-        confirms.push(confirm);
+        // Pipelined: up to 1000 publishes await their confirms at once.
+        confirms.push(amqp::publish_persistent(
+            &scratch.publisher,
+            &scratch.queue,
+            body,
+            Envelope::default(),
+        ));
     }
     while let Some(confirm) = confirms.next().await {
         confirm?;
     }
+    drop(confirms);
     let scratch = scratch.consumed().await?;
     let elapsed = started.elapsed();
     scratch.finish().await?;
@@ -191,17 +177,9 @@ struct ScratchQueue {
 impl ScratchQueue {
     /// Declares the queue and starts consuming `expected` messages.
     async fn open(url: &str, expected: usize) -> anyhow::Result<ScratchQueue> {
-        let connection = Connection::connect(url, ConnectionProperties::default()).await?;
-        let publisher = connection.create_channel().await?;
-        publisher
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        let connection = amqp::connect(url, "cliente-bench-baseline").await?;
+        let publisher = amqp::confirm_channel(&connection).await?;
         let queue = format!("tareas-baseline-{}", uuid::Uuid::new_v4());
-        let mut arguments = FieldTable::default();
-        arguments.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString(LongString::from("quorum")),
-        );
         publisher
             .queue_declare(
                 queue.as_str().into(),
@@ -209,7 +187,7 @@ impl ScratchQueue {
                     durable: true,
                     ..QueueDeclareOptions::default()
                 },
-                arguments,
+                tareas_common::topology::quorum_arguments(),
             )
             .await?;
         let consumer_channel = connection.create_channel().await?;

@@ -1,0 +1,148 @@
+//! How every Tareas process talks to RabbitMQ: named connections, confirm
+//! channels, and the one publishing rule.
+//!
+//! **The rule** ([`publish_persistent`]): a message that must not be lost is
+//! published persistent (delivery mode 2) and mandatory, and counts as sent
+//! only after RabbitMQ's positive confirm, within [`CONFIRM_TIMEOUT`]. An
+//! unroutable message comes back and is an error, never a silent drop. The
+//! distribuidor's task publish, the worker's retry copy and the operator's
+//! dead-letter replay all go through it, so they cannot drift apart.
+
+use std::time::Duration;
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::ShortString;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+
+/// How long a publish may wait for RabbitMQ's confirm.
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a message could not be handed to RabbitMQ. Whatever the case, the
+/// sender must not act as if it were queued.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("RabbitMQ is unreachable")]
+    Disconnected,
+    #[error("RabbitMQ refused the message: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("RabbitMQ did not confirm the message within {0:?}")]
+    Timeout(Duration),
+    #[error("RabbitMQ nacked the message")]
+    Nacked,
+    #[error("RabbitMQ returned the message as unroutable: is queue {0:?} missing?")]
+    Unroutable(String),
+}
+
+impl PublishError {
+    /// Whether RabbitMQ certainly does not hold the message (as opposed to a
+    /// timeout or a broken channel, after which it may).
+    pub fn certainly_not_queued(&self) -> bool {
+        matches!(
+            self,
+            PublishError::Disconnected | PublishError::Nacked | PublishError::Unroutable(_)
+        )
+    }
+}
+
+/// The properties a task message carries besides its body.
+#[derive(Debug, Clone, Default)]
+pub struct Envelope {
+    /// The task id: RabbitMQ's management UI and tracing show it.
+    pub message_id: Option<ShortString>,
+    /// The task id again, for the reply that answers it.
+    pub correlation_id: Option<ShortString>,
+    /// The reply queue of the distribuidor that accepted the task.
+    pub reply_to: Option<ShortString>,
+}
+
+impl Envelope {
+    /// The envelope of task `task_id` whose result goes to `reply_to`.
+    pub fn task(task_id: &str, reply_to: Option<ShortString>) -> Envelope {
+        Envelope {
+            message_id: Some(task_id.into()),
+            correlation_id: Some(task_id.into()),
+            reply_to,
+        }
+    }
+
+    /// The envelope of a message being passed on (retry, replay): the same
+    /// reply queue and correlation as `properties`, with `task_id` as message id.
+    pub fn forwarded(task_id: &str, properties: &BasicProperties) -> Envelope {
+        Envelope {
+            message_id: Some(task_id.into()),
+            correlation_id: properties
+                .correlation_id()
+                .clone()
+                .or_else(|| Some(task_id.into())),
+            reply_to: properties.reply_to().clone(),
+        }
+    }
+
+    fn properties(self) -> BasicProperties {
+        let mut properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/json".into());
+        if let Some(id) = self.message_id {
+            properties = properties.with_message_id(id);
+        }
+        if let Some(id) = self.correlation_id {
+            properties = properties.with_correlation_id(id);
+        }
+        if let Some(queue) = self.reply_to {
+            properties = properties.with_reply_to(queue);
+        }
+        properties
+    }
+}
+
+/// Connects to RabbitMQ as `name`, the connection name its management UI
+/// shows (`distribuidor-<instance>`, the worker id, `cliente-dlq`).
+pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> {
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    Connection::connect(url, properties).await
+}
+
+/// A new channel on `connection` in confirm mode, for [`publish_persistent`].
+pub async fn confirm_channel(connection: &Connection) -> Result<Channel, lapin::Error> {
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
+}
+
+/// Publishes `body` to `queue` (through the default exchange) persistent and
+/// mandatory on a confirm `channel`, and waits for RabbitMQ's confirm: `Ok`
+/// means the message is durably queued.
+pub async fn publish_persistent(
+    channel: &Channel,
+    queue: &str,
+    body: &[u8],
+    envelope: Envelope,
+) -> Result<(), PublishError> {
+    let confirmed = async {
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                body,
+                envelope.properties(),
+            )
+            .await?;
+        let confirmation = confirm.await?;
+        if confirmation.is_nack() {
+            return Err(PublishError::Nacked);
+        }
+        if confirmation.take_message().is_some() {
+            return Err(PublishError::Unroutable(queue.to_owned()));
+        }
+        Ok(())
+    };
+    tokio::time::timeout(CONFIRM_TIMEOUT, confirmed)
+        .await
+        .map_err(|_| PublishError::Timeout(CONFIRM_TIMEOUT))?
+}
