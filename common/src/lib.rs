@@ -7,6 +7,7 @@
 //! - [`topology`]: queue and exchange names and their declarations.
 //! - [`amqp`]: named connections, confirm channels, and the one persistent publish.
 //! - [`db`]: the `tasks` table: migrations and every query against it.
+//! - `s3` (feature `s3`): the result bucket, `results/<task_id>.json`.
 //! - [`config`]: command-line/environment pieces shared by the binaries.
 //! - [`backoff`]: exponential backoff with jitter for reconnect loops.
 //! - [`shutdown`]: SIGINT/SIGTERM as a cancellation token.
@@ -18,6 +19,8 @@ pub mod builtin;
 pub mod config;
 pub mod db;
 pub mod protocol;
+#[cfg(feature = "s3")]
+pub mod s3;
 pub mod shutdown;
 pub mod task;
 pub mod telemetry;

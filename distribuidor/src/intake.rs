@@ -13,8 +13,8 @@ use tareas_common::task::{TaskId, TaskMessage, TaskReport, TaskState};
 use tareas_common::backoff::POSTGRES;
 
 use crate::broker::Broker;
-use tareas_common::amqp::PublishError;
 use crate::router::{ConnectionId, ResultSender, Router};
+use tareas_common::amqp::PublishError;
 
 /// What every connection shares.
 pub struct Shared {

@@ -24,7 +24,7 @@ use tokio_util::task::TaskTracker;
 use crate::delivery;
 use crate::registry::Registry;
 use crate::retry::RetryPolicy;
-use crate::store::s3::S3Store;
+use tareas_common::s3::S3Store;
 
 /// Longest wait for any one AMQP operation (opening, settling, closing):
 /// past it, the link is treated as broken rather than waited on forever.

@@ -12,7 +12,6 @@
 //! - [`delivery`]: one delivery to its ack: run slot, claim, run, retry, store, reply, dead-letter.
 //! - [`retry`]: the retry policy: attempts, exponential backoff, jitter.
 //! - [`time_limits`]: the time limit of each task type.
-//! - [`store`]: the S3 side of persistence (PostgreSQL is `tareas_common::db`).
 
 pub mod builtins;
 pub mod config;
@@ -22,7 +21,6 @@ pub mod executor;
 pub mod health;
 pub mod registry;
 pub mod retry;
-pub mod store;
 pub mod time_limits;
 
 use std::sync::Arc;
@@ -36,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 pub use crate::config::WorkerConfig;
 pub use crate::registry::{Registry, TaskError};
 use crate::retry::RetryPolicy;
-use crate::store::s3::S3Store;
+use tareas_common::s3::S3Store;
 
 /// RabbitMQ's default `consumer_timeout` (3.10 and later), in seconds.
 const RABBITMQ_DEFAULT_CONSUMER_TIMEOUT_SECS: u64 = 30 * 60;

@@ -21,11 +21,11 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::Connection;
-use tareas_common::amqp::{self, Envelope, PublishError};
 use serde::Serialize;
 use serde_json::json;
+use tareas_common::amqp::{self, Envelope, PublishError};
+use tareas_common::s3::S3Store;
 use tareas_common::task::{TaskId, TaskMessage};
-use tareas_worker::store::s3::S3Store;
 use tokio_postgres::NoTls;
 
 use super::report::Latency;

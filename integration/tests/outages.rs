@@ -5,9 +5,6 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
-#[path = "util.rs"]
-mod util;
-
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -19,7 +16,9 @@ use tareas_common::task::{TaskMessage, TaskState};
 use tareas_common::topology::Topology;
 use tokio::process::Child;
 
-use crate::util::{drain_queue, next, submit_ok, task, Deployment, RunningDistribuidor, LIMIT};
+use tareas_integration::{
+    drain_queue, next, submit_ok, task, Deployment, RunningDistribuidor, LIMIT,
+};
 
 /// Runs a command to completion; panics with its output if it fails.
 fn run(program: &str, args: &[&str]) {
@@ -130,12 +129,12 @@ async fn submit_until_acked(distribuidor: &RunningDistribuidor, request: TaskReq
 
 /// Waits until every task is finished in PostgreSQL and S3, and the two agree.
 async fn assert_all_stored(ids: &BTreeSet<String>, expected: TaskState) {
-    let db = util::db();
+    let db = tareas_integration::db();
     let deadline = tokio::time::Instant::now() + LIMIT * 2;
     for id in ids {
         loop {
             let row = db.status(id).await.ok().flatten();
-            let document = util::s3_document(id).await;
+            let document = tareas_integration::s3_document(id).await;
             if let (Some(row), Some(document)) = (&row, &document) {
                 if row.state.is_terminal() {
                     assert_eq!(row.state, expected, "task {id}");
@@ -291,7 +290,7 @@ async fn s3_restart_holds_results_until_it_is_back() {
         let _restore = s3_stop();
         // Acks do not need S3; the worker holds the results until it returns.
         ids = submit_batch(&distribuidor, 10, 10).await;
-        let db = util::db();
+        let db = tareas_integration::db();
         let finished = || async {
             let mut finished = 0;
             for id in &ids {
@@ -335,17 +334,7 @@ fn spawn_worker(
     worker_id: &str,
     env: &[(&str, &str)],
 ) -> Child {
-    let exe = std::env::current_exe().expect("test binary");
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target dir");
-    let path = dir.join(binary);
-    assert!(
-        path.exists(),
-        "{} is missing: build it with `cargo build --workspace --bins --examples`",
-        path.display()
-    );
+    let path = tareas_integration::binary(binary);
     let health = std::env::temp_dir().join(format!("{}-{worker_id}.health", deployment.queue));
     let mut command = tokio::process::Command::new(path);
     command
@@ -373,7 +362,7 @@ async fn a_worker_killed_mid_task_loses_nothing() {
     );
     let ids = submit_batch(&distribuidor, 12, 400).await;
     // Wait until the doomed worker is in the middle of tasks, then SIGKILL it.
-    let db = util::db();
+    let db = tareas_integration::db();
     let deadline = tokio::time::Instant::now() + LIMIT;
     'running: loop {
         for id in &ids {
@@ -428,7 +417,7 @@ async fn a_task_that_keeps_crashing_its_worker_ends_failed_in_the_dead_letter_qu
         },
     )
     .await;
-    let db = util::db();
+    let db = tareas_integration::db();
     let deadline = tokio::time::Instant::now() + LIMIT * 2;
     let mut crashes = 0;
     // A supervisor (docker's restart policy) restarts the worker after each crash.

@@ -1,14 +1,16 @@
-//! The S3 side of the store: path-style, SigV4, any S3-compatible server.
+//! The result bucket in S3: path-style, SigV4, any S3-compatible server
+//! (MinIO, s3s-fs, AWS). Behind the `s3` feature: the worker writes it,
+//! the bench measures it, the distribuidor never links it.
 
 use std::time::Duration;
 
+use crate::config::S3Args;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{
     BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::Client;
-use tareas_common::config::S3Args;
 
 /// A failed S3 call, with the operation it was.
 #[derive(Debug, thiserror::Error)]

@@ -11,7 +11,7 @@ use tareas_common::topology::Topology;
 use tareas_worker::registry::TaskError;
 use tareas_worker::Registry;
 
-use crate::util::{self, drain_queue, next, next_result, submit_ok, task, Deployment, LIMIT};
+use tareas_integration::{drain_queue, next, next_result, submit_ok, task, Deployment, LIMIT};
 
 /// A registry with `flaky` (fails transiently `fail_first` times per task,
 /// then succeeds), `broken` (always transient), `refused` (permanent) and
@@ -40,7 +40,7 @@ fn registry(fail_first: u32) -> Registry {
     registry
 }
 
-async fn deployment_with_custom_types() -> (Deployment, crate::util::RunningDistribuidor) {
+async fn deployment_with_custom_types() -> (Deployment, tareas_integration::RunningDistribuidor) {
     let mut deployment = Deployment::new().await;
     let mut config = deployment.distribuidor_config();
     config.extra_task_types = ["flaky", "broken", "refused", "explodes"]
@@ -66,7 +66,9 @@ async fn transient_failures_are_retried_through_the_broker() {
     let report = next_result(&mut client).await;
     assert_eq!(report.status, TaskState::Succeeded, "{report:?}");
     assert_eq!(report.result, Some(json!({"runs": 3})));
-    let document = util::s3_document(&id).await.expect("S3 object");
+    let document = tareas_integration::s3_document(&id)
+        .await
+        .expect("S3 object");
     assert_eq!(document["attempts"], 3, "two failed attempts, then success");
     assert!(
         drain_queue(&Topology::new(&deployment.queue).dead_letter_queue())
@@ -88,10 +90,16 @@ async fn exhausted_retries_fail_the_task_and_dead_letter_it() {
         error.contains("failed after 3 attempts") && error.contains("remote service is down"),
         "{error}"
     );
-    let row = util::db().status(&broken).await.unwrap().unwrap();
+    let row = tareas_integration::db()
+        .status(&broken)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(row.state, TaskState::Failed);
     assert_eq!(
-        util::s3_document(&broken).await.expect("S3 object")["error"],
+        tareas_integration::s3_document(&broken)
+            .await
+            .expect("S3 object")["error"],
         json!(error)
     );
 
@@ -117,7 +125,10 @@ async fn permanent_failures_are_not_retried_and_panics_are_attempts() {
     let report = next_result(&mut client).await;
     assert_eq!(report.status, TaskState::Failed);
     assert_eq!(report.error.as_deref(), Some("this payload can never work"));
-    assert_eq!(util::s3_document(&refused).await.unwrap()["attempts"], 1);
+    assert_eq!(
+        tareas_integration::s3_document(&refused).await.unwrap()["attempts"],
+        1
+    );
 
     let explodes = submit_ok(&mut client, task("explodes", json!({}))).await;
     let report = next_result(&mut client).await;
@@ -127,7 +138,7 @@ async fn permanent_failures_are_not_retried_and_panics_are_attempts() {
         .unwrap_or_default()
         .contains("panicked: handler bug"));
     assert_eq!(
-        util::s3_document(&explodes).await.unwrap()["attempts"],
+        tareas_integration::s3_document(&explodes).await.unwrap()["attempts"],
         3,
         "a panic is a failed attempt"
     );
@@ -150,10 +161,7 @@ async fn an_unroutable_publish_is_unavailable_not_an_ack() {
         .await;
     // The queue vanishes (an operator deletes it): RabbitMQ returns the
     // mandatory message, and the distribuidor must not ack.
-    let amqp = tareas_worker::WorkerConfig::defaults().broker.amqp_url;
-    let connection = lapin::Connection::connect(&amqp, lapin::ConnectionProperties::default())
-        .await
-        .unwrap();
+    let connection = tareas_integration::rabbitmq().await;
     let channel = connection.create_channel().await.unwrap();
     channel
         .queue_delete(deployment.queue.as_str().into(), Default::default())
@@ -265,7 +273,7 @@ async fn shutdown_hands_unfinished_tasks_back_without_counting_them() {
     let mut client = distribuidor.client().await;
     let id = submit_ok(&mut client, task("sleep", json!({"ms": 2000}))).await;
     let mut observer = distribuidor.client().await;
-    util::wait_for_status(&mut observer, &id, |r| {
+    tareas_integration::wait_for_status(&mut observer, &id, |r| {
         matches!(
             r,
             Reply::Status {
@@ -276,7 +284,7 @@ async fn shutdown_hands_unfinished_tasks_back_without_counting_them() {
     })
     .await;
     leaving.cancel(); // SIGTERM, with no time to finish: the task is handed back
-    util::wait_for_status(&mut observer, &id, |r| {
+    tareas_integration::wait_for_status(&mut observer, &id, |r| {
         matches!(
             r,
             Reply::Status {
@@ -291,7 +299,7 @@ async fn shutdown_hands_unfinished_tasks_back_without_counting_them() {
     assert_eq!(report.status, TaskState::Succeeded);
     assert_eq!(report.worker_id.as_deref(), Some("w-staying"));
     assert_eq!(
-        util::s3_document(&id).await.unwrap()["attempts"],
+        tareas_integration::s3_document(&id).await.unwrap()["attempts"],
         1,
         "the handed-back run does not count"
     );
@@ -339,7 +347,7 @@ async fn an_operator_lists_and_replays_the_dead_letter_queue() {
     .expect("replay");
     assert_eq!(replayed, vec![id.clone()]);
     let mut observer = distribuidor.client().await;
-    let done = util::wait_for_status(&mut observer, &id, |r| {
+    let done = tareas_integration::wait_for_status(&mut observer, &id, |r| {
         matches!(
             r,
             Reply::Status {
@@ -406,7 +414,7 @@ async fn sigterm_drains_the_distribuidor() {
         cliente::Client::connect(&addr).await.is_err(),
         "no new connections after shutdown"
     );
-    let db = util::db();
+    let db = tareas_integration::db();
     for id in &acked {
         assert!(
             db.status(id).await.unwrap().is_some(),
@@ -445,7 +453,7 @@ async fn a_client_waiting_for_many_results_is_slowed_not_buffered() {
             matches!(next(&mut client).await, Reply::Ack { task_id, .. } if task_id.as_str() == id)
         );
     }
-    let db = util::db();
+    let db = tareas_integration::db();
     for id in &ids[2..] {
         assert_eq!(
             db.status(id).await.unwrap(),
@@ -478,7 +486,7 @@ async fn a_refused_submission_never_removes_a_row_another_one_published() {
     use tareas_common::db::Submission;
     use tareas_common::task::TaskId;
 
-    let db = util::db();
+    let db = tareas_integration::db();
     db.migrate().await.expect("migrate");
     let message = || TaskMessage {
         task_id: TaskId::generate(),

@@ -3,7 +3,7 @@
 use serde_json::json;
 use tareas_common::protocol::{ErrorCode, Reply, Request, TaskRequest};
 
-use crate::util::{next, task, Deployment, LIMIT};
+use tareas_integration::{next, task, Deployment, LIMIT};
 
 fn code(reply: &Reply) -> ErrorCode {
     match reply {
@@ -168,7 +168,7 @@ async fn broker_down_means_unavailable_never_a_false_ack() {
     );
     let id = request.task_id.unwrap();
     assert_eq!(
-        crate::util::db().status(&id).await.unwrap(),
+        tareas_integration::db().status(&id).await.unwrap(),
         None,
         "no row is left for a task that was not accepted"
     );

@@ -3,7 +3,7 @@
 
 use clap::Parser;
 
-use crate::util::Deployment;
+use tareas_integration::Deployment;
 
 #[derive(Parser)]
 struct Bench {

@@ -1,22 +1,20 @@
 //! Helpers: start the real distribuidor and workers in-process against the
 //! real RabbitMQ, PostgreSQL and S3 server, each test on its own queue.
 
-#![allow(dead_code)] // shared by the e2e and outages test binaries, each using a part
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use cliente::Client;
 use lapin::options::QueueDeleteOptions;
-use lapin::{Connection, ConnectionProperties};
+use lapin::Connection;
 use serde_json::Value;
 use tareas_common::db::Db;
 use tareas_common::protocol::{Reply, Request, TaskRequest};
+use tareas_common::s3::S3Store;
 use tareas_common::task::TaskReport;
 use tareas_common::topology::Topology;
 use tareas_distribuidor::config::Config;
 use tareas_distribuidor::Distribuidor;
-use tareas_worker::store::s3::S3Store;
 use tareas_worker::{Worker, WorkerConfig};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -139,9 +137,8 @@ impl RunningDistribuidor {
 
 /// Fails the test, with the fix, when a service is not reachable.
 async fn check_services() {
-    let amqp = WorkerConfig::defaults().broker.amqp_url;
-    if let Err(err) = Connection::connect(&amqp, ConnectionProperties::default()).await {
-        panic!("RabbitMQ is not reachable at {amqp}: {err}; {START_SERVICES}");
+    if let Err(err) = connect_rabbitmq().await {
+        panic!("RabbitMQ is not reachable: {err}; {START_SERVICES}");
     }
     // On a fresh database the table does not exist until a process
     // migrated it; tests that read it before starting one need it too.
@@ -154,8 +151,7 @@ async fn check_services() {
 }
 
 async fn delete_queues(queue: &str) {
-    let amqp = WorkerConfig::defaults().broker.amqp_url;
-    let Ok(connection) = Connection::connect(&amqp, ConnectionProperties::default()).await else {
+    let Ok(connection) = connect_rabbitmq().await else {
         return;
     };
     let Ok(channel) = connection.create_channel().await else {
@@ -185,6 +181,19 @@ async fn delete_queues(queue: &str) {
     let _ = connection.close(200, "test done".into()).await;
 }
 
+/// A connection to the local RabbitMQ, named `tareas-tests` in its UI.
+async fn connect_rabbitmq() -> Result<Connection, lapin::Error> {
+    let amqp = WorkerConfig::defaults().broker.amqp_url;
+    tareas_common::amqp::connect(&amqp, "tareas-tests").await
+}
+
+/// A connection to the local RabbitMQ; fails the test without one.
+pub async fn rabbitmq() -> Connection {
+    connect_rabbitmq()
+        .await
+        .unwrap_or_else(|err| panic!("RabbitMQ is not reachable: {err}; {START_SERVICES}"))
+}
+
 pub fn db() -> Db {
     Db::new(&WorkerConfig::defaults().database.database_url, 2).expect("database url")
 }
@@ -195,10 +204,7 @@ pub fn s3() -> S3Store {
 
 /// The messages waiting in a queue, taken off it (test queues only).
 pub async fn drain_queue(queue: &str) -> Vec<lapin::message::BasicGetMessage> {
-    let amqp = WorkerConfig::defaults().broker.amqp_url;
-    let connection = Connection::connect(&amqp, ConnectionProperties::default())
-        .await
-        .expect("RabbitMQ");
+    let connection = rabbitmq().await;
     let channel = connection.create_channel().await.expect("channel");
     let mut messages = Vec::new();
     while let Some(message) = channel
@@ -218,10 +224,7 @@ pub async fn drain_queue(queue: &str) -> Vec<lapin::message::BasicGetMessage> {
 /// Polls until `queue` has exactly `n` messages ready (not yet delivered
 /// to a consumer): the count is RabbitMQ's, there is nothing else to wait on.
 pub async fn wait_for_ready_messages(queue: &str, n: u32) {
-    let amqp = WorkerConfig::defaults().broker.amqp_url;
-    let connection = Connection::connect(&amqp, ConnectionProperties::default())
-        .await
-        .expect("RabbitMQ");
+    let connection = rabbitmq().await;
     let channel = connection.create_channel().await.expect("channel");
     let passive = lapin::options::QueueDeclareOptions {
         passive: true,
@@ -353,4 +356,21 @@ pub async fn wait_for_status(
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A binary or example of the workspace, built next to the test binaries
+/// (`target/debug/<name>`, or `target/debug/examples/<name>`).
+pub fn binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build --workspace --bins --examples` (scripts/test does)",
+        path.display()
+    );
+    path
 }

@@ -15,7 +15,7 @@ use tareas_distribuidor::config::Config;
 use tareas_worker::WorkerConfig;
 use tokio::process::{Child, Command};
 
-use crate::util::{self, next, task, Deployment, LIMIT};
+use tareas_integration::{binary, next, task, Deployment, LIMIT};
 
 /// The environment variable names of one service in docker-compose.yml,
 /// including those merged in from the `x-tareas-env` anchor.
@@ -120,21 +120,6 @@ fn local_values(queue: &str, addr: &str) -> BTreeMap<&'static str, String> {
         values.insert(unset, String::new());
     }
     values
-}
-
-fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target dir");
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build it with `cargo build --workspace --bins` (scripts/test does)",
-        path.display()
-    );
-    path
 }
 
 fn spawn(
@@ -262,7 +247,7 @@ async fn compose_environment_runs_three_workers_and_survives_stopping_one() {
         ]),
         "work spread over all three workers"
     );
-    let db = util::db();
+    let db = tareas_integration::db();
     for task_id in &acked {
         let row = db
             .status(task_id)
@@ -280,7 +265,7 @@ async fn compose_environment_runs_three_workers_and_survives_stopping_one() {
     }
     // `docker compose stop` of the distribuidor: it drains, closes its
     // RabbitMQ link and deletes its reply queue before the process exits.
-    assert_eq!(util::reply_queues(&deployment.queue).len(), 1);
+    assert_eq!(tareas_integration::reply_queues(&deployment.queue).len(), 1);
     drop(client);
     let pid = distribuidor.id().expect("distribuidor pid");
     let status = std::process::Command::new("kill")
@@ -294,7 +279,7 @@ async fn compose_environment_runs_three_workers_and_survives_stopping_one() {
         .expect("wait");
     assert!(exit.success(), "the distribuidor exits cleanly: {exit}");
     assert_eq!(
-        util::reply_queues(&deployment.queue),
+        tareas_integration::reply_queues(&deployment.queue),
         Vec::<String>::new(),
         "no reply queue left behind"
     );
@@ -368,10 +353,7 @@ impl Drop for RabbitUser {
 
 /// Puts one task message in the dead-letter queue of `queue`.
 async fn dead_letter(queue: &str, task_id: &str) {
-    let amqp = WorkerConfig::defaults().broker.amqp_url;
-    let connection = lapin::Connection::connect(&amqp, lapin::ConnectionProperties::default())
-        .await
-        .expect("RabbitMQ");
+    let connection = tareas_integration::rabbitmq().await;
     let channel = connection.create_channel().await.expect("channel");
     let topology = tareas_common::topology::Topology::new(queue);
     topology.declare(&channel).await.expect("declare");

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use serde_json::json;
 use tareas_common::protocol::{Reply, Request};
 
-use crate::util::{next, run_all, task, Deployment};
+use tareas_integration::{next, run_all, task, Deployment};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_share_the_work() {
@@ -89,8 +89,11 @@ async fn a_distribuidor_deletes_its_reply_queue_when_it_stops() {
     deployment
         .start_distribuidor(deployment.distribuidor_config())
         .await;
-    let running = crate::util::reply_queues(&queue);
+    let running = tareas_integration::reply_queues(&queue);
     assert_eq!(running.len(), 1, "{running:?}");
     deployment.stop().await;
-    assert_eq!(crate::util::reply_queues(&queue), Vec::<String>::new());
+    assert_eq!(
+        tareas_integration::reply_queues(&queue),
+        Vec::<String>::new()
+    );
 }

@@ -9,8 +9,6 @@ use tareas_distribuidor::router::Router;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::util;
-
 fn message() -> TaskMessage {
     TaskMessage {
         task_id: TaskId::generate(),
@@ -22,7 +20,7 @@ fn message() -> TaskMessage {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sweep_pushes_finished_tasks_and_keeps_waiting_for_the_rest() {
-    let db = util::db();
+    let db = tareas_integration::db();
     db.migrate().await.expect("migrate");
     let (finished, queued) = (message(), message());
     for task in [&finished, &queued] {

@@ -10,7 +10,7 @@ use tareas_common::task::TaskState;
 use tareas_worker::Registry;
 use tokio::sync::{watch, Semaphore};
 
-use crate::util::{self, next_result, submit_ok, task, Deployment, RunningDistribuidor, LIMIT};
+use tareas_integration::{next_result, submit_ok, task, Deployment, RunningDistribuidor, LIMIT};
 
 /// A `gated` task type: each run counts itself in, then waits for a permit
 /// of the gate. `running` publishes how many runs are inside; `peak` is the
@@ -86,7 +86,7 @@ async fn a_worker_holds_its_prefetch_but_runs_only_its_concurrency() {
     }
     until_running(&mut gated, 2).await;
     // The worker took its prefetch (4 of 6), two of them waiting for a slot.
-    util::wait_for_ready_messages(&deployment.queue, 2).await;
+    tareas_integration::wait_for_ready_messages(&deployment.queue, 2).await;
     assert_eq!(*gated.running.borrow(), 2, "only the concurrency runs");
     gated.gate.add_permits(6);
     for _ in 0..6 {
@@ -110,10 +110,10 @@ async fn shutdown_hands_back_at_once_what_has_not_started() {
         ids.push(submit_ok(&mut client, task("gated", json!({}))).await);
     }
     until_running(&mut gated, 1).await;
-    util::wait_for_ready_messages(&deployment.queue, 0).await;
+    tareas_integration::wait_for_ready_messages(&deployment.queue, 0).await;
     stop.cancel();
     // The two waiting for the slot go back while the first still runs.
-    util::wait_for_ready_messages(&deployment.queue, 2).await;
+    tareas_integration::wait_for_ready_messages(&deployment.queue, 2).await;
     assert_eq!(
         *gated.running.borrow(),
         1,
@@ -122,7 +122,7 @@ async fn shutdown_hands_back_at_once_what_has_not_started() {
     gated.gate.add_permits(1);
     let first = next_result(&mut client).await;
     assert_eq!(first.status, TaskState::Succeeded, "{first:?}");
-    let db = util::db();
+    let db = tareas_integration::db();
     for id in ids.iter().filter(|id| **id != first.task_id.to_string()) {
         let record = db.status(id).await.expect("status").expect("row");
         assert_eq!(

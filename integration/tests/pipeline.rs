@@ -5,7 +5,7 @@ use tareas_common::builtin;
 use tareas_common::protocol::{Reply, Request, StatusState, TaskRequest};
 use tareas_common::task::TaskState;
 
-use crate::util::{
+use tareas_integration::{
     self, next, next_result, s3_document, submit_ok, task, wait_for_status, Deployment, LIMIT,
 };
 
@@ -30,7 +30,7 @@ async fn every_task_type_is_acked_run_and_stored() {
             "{task_type}: {report:?}"
         );
         assert_eq!(report.worker_id.as_deref(), Some("w-all"));
-        let row = util::db()
+        let row = tareas_integration::db()
             .status(report.task_id.as_str())
             .await
             .unwrap()

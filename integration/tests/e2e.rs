@@ -11,4 +11,3 @@ mod recovery;
 mod reliability;
 mod scaling;
 mod slots;
-mod util;
