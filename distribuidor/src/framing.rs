@@ -2,10 +2,13 @@
 //! them. Many clients write `json.dumps(msg)` with no trailing newline, so a
 //! frame ends where its object's braces balance, not at a newline.
 //!
-//! The scanner keeps its place across reads, so each byte is looked at once,
-//! and it never holds more than one message of at most `max_len` bytes.
+//! [`Framer`] is a `tokio_util::codec::Decoder`: a connection reads through
+//! `FramedRead`, which owns the buffer. The scanner keeps its place across
+//! reads, so each byte is looked at once, and the buffer never holds more
+//! than one message of at most `max_len` bytes plus one read.
 
 use bytes::{Buf, Bytes, BytesMut};
+use tokio_util::codec::Decoder;
 
 /// What the scanner found next in the stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,21 +28,19 @@ pub enum Frame {
 enum Mode {
     /// Between objects: whitespace is skipped, `{` starts an object.
     Between,
-    /// Inside an object.
+    /// Inside an object, which starts at the front of the buffer.
     Object,
     /// Dropping bytes until the next newline.
     Skipping,
 }
 
-/// Incremental JSON-object splitter over a growing buffer.
+/// Incremental JSON-object splitter.
 #[derive(Debug)]
 pub struct Framer {
-    /// Bytes read and not yet consumed; an unfinished object starts at 0.
-    buffer: BytesMut,
     /// Longest object accepted, in bytes.
     max_len: usize,
     mode: Mode,
-    /// How far into `buffer` the scan has got.
+    /// How far into the buffer the scan has got.
     scanned: usize,
     /// Brace/bracket nesting depth inside the current object.
     depth: usize,
@@ -51,10 +52,30 @@ pub struct Framer {
     last_significant: u8,
 }
 
+impl Decoder for Framer {
+    type Item = Frame;
+    type Error = std::io::Error;
+
+    fn decode(&mut self, buffer: &mut BytesMut) -> Result<Option<Frame>, std::io::Error> {
+        Ok(self.next_frame(buffer))
+    }
+
+    /// At the end of the stream an unfinished object is dropped: the client
+    /// is gone, nobody would read its error.
+    fn decode_eof(&mut self, buffer: &mut BytesMut) -> Result<Option<Frame>, std::io::Error> {
+        let frame = self.next_frame(buffer);
+        if frame.is_none() {
+            buffer.clear();
+            self.mode = Mode::Between;
+            self.scanned = 0;
+        }
+        Ok(frame)
+    }
+}
+
 impl Framer {
     pub fn new(max_len: usize) -> Framer {
         Framer {
-            buffer: BytesMut::with_capacity(8 * 1024),
             max_len,
             mode: Mode::Between,
             scanned: 0,
@@ -65,37 +86,23 @@ impl Framer {
         }
     }
 
-    /// The buffer to read more bytes into.
-    pub fn buffer_mut(&mut self) -> &mut BytesMut {
-        &mut self.buffer
-    }
-
-    /// Makes room for a read of a few KiB: without it a buffer whose
-    /// frames were split off would be refilled 64 bytes per read.
-    pub fn reserve_for_read(&mut self) {
-        const READ_CHUNK: usize = 8 * 1024;
-        if self.buffer.capacity() - self.buffer.len() < READ_CHUNK / 2 {
-            self.buffer.reserve(READ_CHUNK);
-        }
-    }
-
-    /// Bytes held that belong to an unfinished object (0 between objects).
-    pub fn pending_len(&self) -> usize {
+    /// Bytes of `buffer` that belong to an unfinished object (0 between objects).
+    pub fn pending_len(&self, buffer: &BytesMut) -> usize {
         if self.mode == Mode::Object {
-            self.buffer.len()
+            buffer.len()
         } else {
             0
         }
     }
 
     /// The next frame in what has been read so far, or `None` if more bytes are needed.
-    pub fn next_frame(&mut self) -> Option<Frame> {
-        while self.scanned < self.buffer.len() {
-            let byte = self.buffer[self.scanned];
+    fn next_frame(&mut self, buffer: &mut BytesMut) -> Option<Frame> {
+        while self.scanned < buffer.len() {
+            let byte = buffer[self.scanned];
             match self.mode {
                 Mode::Between => {
                     if byte.is_ascii_whitespace() {
-                        self.buffer.advance(1);
+                        buffer.advance(1);
                     } else if byte == b'{' {
                         self.start_object();
                     } else {
@@ -104,13 +111,13 @@ impl Framer {
                     }
                 }
                 Mode::Skipping => {
-                    self.buffer.advance(1);
+                    buffer.advance(1);
                     if byte == b'\n' {
                         self.mode = Mode::Between;
                     }
                 }
                 Mode::Object => {
-                    if let Some(frame) = self.scan_object_byte(byte) {
+                    if let Some(frame) = self.scan_object_byte(buffer, byte) {
                         return Some(frame);
                     }
                 }
@@ -128,11 +135,11 @@ impl Framer {
         self.last_significant = b'{';
     }
 
-    fn scan_object_byte(&mut self, byte: u8) -> Option<Frame> {
+    fn scan_object_byte(&mut self, buffer: &mut BytesMut, byte: u8) -> Option<Frame> {
         let at = self.scanned;
         self.scanned += 1;
         if self.scanned > self.max_len {
-            return Some(self.too_large());
+            return Some(self.too_large(buffer));
         }
         if self.in_string {
             if self.escaped {
@@ -151,7 +158,7 @@ impl Framer {
                 // the object so far is broken (say, a line missing its closing
                 // brace) and this `{` probably starts the next message.
                 if byte == b'{' && !matches!(self.last_significant, b'[' | b',' | b':') {
-                    let broken = self.buffer.split_to(at).freeze();
+                    let broken = buffer.split_to(at).freeze();
                     self.start_object();
                     return Some(Frame::Object(broken));
                 }
@@ -160,7 +167,7 @@ impl Framer {
             b'}' | b']' => {
                 self.depth -= 1;
                 if self.depth == 0 {
-                    let object = self.buffer.split_to(self.scanned).freeze();
+                    let object = buffer.split_to(self.scanned).freeze();
                     self.mode = Mode::Between;
                     self.scanned = 0;
                     return Some(Frame::Object(object));
@@ -174,8 +181,8 @@ impl Framer {
         None
     }
 
-    fn too_large(&mut self) -> Frame {
-        self.buffer.advance(self.scanned);
+    fn too_large(&mut self, buffer: &mut BytesMut) -> Frame {
+        buffer.advance(self.scanned);
         self.scanned = 0;
         self.mode = Mode::Skipping;
         Frame::TooLarge
@@ -188,8 +195,8 @@ mod tests {
 
     fn frames(input: &[u8], max_len: usize) -> Vec<Frame> {
         let mut framer = Framer::new(max_len);
-        framer.buffer_mut().extend_from_slice(input);
-        std::iter::from_fn(|| framer.next_frame()).collect()
+        let mut buffer = BytesMut::from(input);
+        std::iter::from_fn(|| framer.next_frame(&mut buffer)).collect()
     }
 
     fn object(text: &str) -> Frame {
@@ -224,10 +231,11 @@ mod tests {
     fn feeds_byte_by_byte() {
         let input = br#"{"type":"ping"} {"type":"status","task_id":"x"}"#;
         let mut framer = Framer::new(1024);
+        let mut buffer = BytesMut::new();
         let mut found = Vec::new();
         for byte in input {
-            framer.buffer_mut().extend_from_slice(&[*byte]);
-            while let Some(frame) = framer.next_frame() {
+            buffer.extend_from_slice(&[*byte]);
+            while let Some(frame) = framer.next_frame(&mut buffer) {
                 found.push(frame);
             }
         }
@@ -270,10 +278,10 @@ mod tests {
     #[test]
     fn pending_is_bounded() {
         let mut framer = Framer::new(64);
-        framer.buffer_mut().extend_from_slice(b"{\"a\":\"");
-        framer.buffer_mut().extend_from_slice(&[b'x'; 100]);
-        assert_eq!(framer.next_frame(), Some(Frame::TooLarge));
-        assert_eq!(framer.pending_len(), 0);
+        let mut buffer = BytesMut::from(&b"{\"a\":\""[..]);
+        buffer.extend_from_slice(&[b'x'; 100]);
+        assert_eq!(framer.next_frame(&mut buffer), Some(Frame::TooLarge));
+        assert_eq!(framer.pending_len(&buffer), 0);
     }
 }
 
@@ -289,14 +297,15 @@ mod fuzz {
     /// the request parser, like a connection does.
     fn run(input: &[u8], chunks: &[usize], max_len: usize) -> Vec<Frame> {
         let mut framer = Framer::new(max_len);
+        let mut buffer = BytesMut::new();
         let mut frames = Vec::new();
         let mut rest = input;
         let mut sizes = chunks.iter().copied().cycle();
         while !rest.is_empty() {
             let size = sizes.next().unwrap_or(1).clamp(1, rest.len());
-            framer.buffer_mut().extend_from_slice(&rest[..size]);
+            buffer.extend_from_slice(&rest[..size]);
             rest = &rest[size..];
-            while let Some(frame) = framer.next_frame() {
+            while let Some(frame) = framer.next_frame(&mut buffer) {
                 if let Frame::Object(bytes) = &frame {
                     // Never panics; an error always has a code and a message.
                     if let Err(err) = Request::parse(bytes) {
@@ -306,7 +315,7 @@ mod fuzz {
                 frames.push(frame);
             }
             assert!(
-                framer.pending_len() <= max_len + size,
+                framer.pending_len(&buffer) <= max_len + size,
                 "held bytes stay bounded"
             );
         }
