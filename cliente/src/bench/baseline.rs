@@ -28,7 +28,7 @@ use tareas_common::s3::S3Store;
 use tareas_common::task::{TaskId, TaskMessage};
 use tokio_postgres::NoTls;
 
-use super::report::Latency;
+use super::latency::{self, Latency};
 use super::BenchArgs;
 
 /// Operations per second of each dependency alone.
@@ -101,7 +101,7 @@ pub async fn rabbitmq_confirm_latency(
     };
     let body = Arc::new(serde_json::to_vec(&message)?);
     let scratch = ScratchQueue::open(&args.broker.amqp_url, count).await?;
-    let latencies = Arc::new(Mutex::new(super::load::histogram()));
+    let latencies = Arc::new(Mutex::new(latency::histogram()));
     let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(0.001)));
     let mut confirms = tokio::task::JoinSet::new();
     for _ in 0..count {

@@ -12,6 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tareas_common::protocol::{Reply, Request, TaskRequest};
 use tokio::sync::Semaphore;
 
+use super::latency::histogram;
 use super::BenchArgs;
 use crate::Client;
 
@@ -126,12 +127,6 @@ pub async fn run(addr: &str, args: &BenchArgs, limit: Duration) -> anyhow::Resul
         .result
         .into_inner()
         .map_err(|_| anyhow::anyhow!("poisoned"))
-}
-
-pub(crate) fn histogram() -> Histogram<u64> {
-    // 1 µs to 1 hour, 3 significant digits.
-    Histogram::new_with_bounds(1, 3_600_000_000, 3)
-        .unwrap_or_else(|_| Histogram::new(3).unwrap_or_else(|_| unreachable!()))
 }
 
 fn progress_bar(args: &BenchArgs) -> ProgressBar {

@@ -5,9 +5,11 @@
 //!
 //! - [`load`]: the load generator: connections, window, rate, retries.
 //! - [`baseline`]: RabbitMQ, PostgreSQL and S3 alone.
-//! - [`report`]: latency histograms, the printed table, the JSON file.
+//! - [`latency`]: the latency histogram and its percentiles.
+//! - [`report`]: the printed table, the JSON file.
 
 pub mod baseline;
+pub mod latency;
 pub mod load;
 pub mod report;
 

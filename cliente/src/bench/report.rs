@@ -2,37 +2,12 @@
 
 use std::collections::BTreeMap;
 
-use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use super::baseline::Baseline;
+use super::latency::Latency;
 use super::load::LoadResult;
 use super::BenchArgs;
-
-/// Latency percentiles in milliseconds.
-#[derive(Debug, Clone, Serialize)]
-pub struct Latency {
-    pub p50: f64,
-    pub p90: f64,
-    pub p99: f64,
-    pub p999: f64,
-    pub max: f64,
-    pub samples: u64,
-}
-
-impl Latency {
-    pub(crate) fn of(histogram: &Histogram<u64>) -> Latency {
-        let ms = |micros: u64| micros as f64 / 1000.0;
-        Latency {
-            p50: ms(histogram.value_at_quantile(0.50)),
-            p90: ms(histogram.value_at_quantile(0.90)),
-            p99: ms(histogram.value_at_quantile(0.99)),
-            p999: ms(histogram.value_at_quantile(0.999)),
-            max: ms(histogram.max()),
-            samples: histogram.len(),
-        }
-    }
-}
 
 /// Everything one bench run measured.
 #[derive(Debug, Clone, Serialize)]
