@@ -18,18 +18,20 @@
 //! released and the message handed back with a nack.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions, BasicRejectOptions};
 use lapin::{BasicProperties, Channel};
-use serde_json::Value;
 use tareas_common::amqp::{self, Envelope, PublishError};
-use tareas_common::backoff::{random_fraction, retry_until_ok, POSTGRES, S3};
-use tareas_common::db::{Claim, Finish};
+use tareas_common::backoff::{random_fraction, retry_until_ok, Dependency, POSTGRES, S3};
+use tareas_common::db::{Claim, Finish, TaskRow};
 use tareas_common::task::{TaskMessage, TaskReport, TaskState};
+use tokio::sync::SemaphorePermit;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
-use crate::consumer::{Channels, Context};
+use crate::context::{Channels, Context, AMQP_TIMEOUT};
 use crate::executor::{self, Outcome};
 
 /// What became of one delivery.
@@ -50,192 +52,273 @@ enum Handled {
     NotStarted,
 }
 
+/// A step gave up: shutdown passed its limit, or the connection was lost,
+/// while a store was down. The delivery is handed back.
+struct Abandoned;
+
+/// What running a claimed task led to.
+enum Ran {
+    /// Record this outcome; dead-letter the message after when `dead_letter`.
+    Done { outcome: Outcome, dead_letter: bool },
+    /// A transient failure with attempts left, recorded: retry after `delay_ms`.
+    Retry { delay_ms: u64 },
+}
+
 /// When a delivery must let go.
 pub struct Stop {
     /// Shutdown began: do not start a task that has not started.
-    pub starting: tokio_util::sync::CancellationToken,
+    pub starting: CancellationToken,
     /// Give up whatever is in flight and hand it back.
-    pub abandon: tokio_util::sync::CancellationToken,
+    pub abandon: CancellationToken,
 }
 
-/// Processes one delivery to its ack, nack or reject.
+/// Processes one delivery to its ack, nack or reject, inside a span naming
+/// the task, so that every log line of the delivery carries it.
 pub async fn process(ctx: Arc<Context>, channels: Channels, delivery: Delivery, stop: Stop) {
     let task: TaskMessage = match serde_json::from_slice(&delivery.data) {
         Ok(task) => task,
         Err(err) => {
             tracing::error!(cause = %err, "unreadable task message; dead-lettering it");
-            let _ = tokio::time::timeout(
-                crate::consumer::AMQP_TIMEOUT,
-                delivery.reject(BasicRejectOptions { requeue: false }),
-            )
-            .await;
+            let reject = delivery.reject(BasicRejectOptions { requeue: false });
+            let _ = tokio::time::timeout(AMQP_TIMEOUT, reject).await;
             return;
         }
     };
-    let task_id = task.task_id.clone();
-    let handled = handle(&ctx, &task, delivery.redelivered, &stop).await;
-    let settle = async {
-        match handled {
-            Handled::Stored {
-                report,
-                dead_letter,
-            } => {
-                if task.notify {
-                    if let Some(reply_to) = delivery.properties.reply_to() {
-                        send_report(&channels.publish, reply_to.as_str(), &report).await;
-                    }
-                }
-                if dead_letter {
-                    tracing::warn!(task_id = %task_id, "task failed its last attempt; message moved to the dead-letter queue");
-                    delivery.reject(BasicRejectOptions { requeue: false }).await
-                } else {
-                    delivery.ack(BasicAckOptions::default()).await
-                }
+    let span = tracing::info_span!(
+        "delivery",
+        task_id = %task.task_id,
+        task_type = %task.task_type,
+        redelivered = delivery.redelivered,
+        attempt = tracing::field::Empty,
+    );
+    async move {
+        let handled = match handle(&ctx, &task, delivery.redelivered, &stop).await {
+            Ok(handled) => handled,
+            Err(Abandoned) => Handled::Abandoned,
+        };
+        let settled = tokio::time::timeout(
+            AMQP_TIMEOUT,
+            settle(&ctx, &channels, &task, &delivery, handled),
+        );
+        let cause = match settled.await {
+            Ok(Ok(_)) => return,
+            Ok(Err(err)) => err.to_string(),
+            Err(_) => "no answer from RabbitMQ in time".to_owned(),
+        };
+        tracing::warn!(%cause, "could not settle the message; RabbitMQ will redeliver it, and the rerun changes nothing");
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Tells RabbitMQ what became of the delivery (after the reply, if any).
+async fn settle(
+    ctx: &Context,
+    channels: &Channels,
+    task: &TaskMessage,
+    delivery: &Delivery,
+    handled: Handled,
+) -> Result<bool, lapin::Error> {
+    match handled {
+        Handled::Stored {
+            report,
+            dead_letter,
+        } => {
+            if let (true, Some(reply_to)) = (task.notify, delivery.properties.reply_to()) {
+                send_report(&channels.publish, reply_to.as_str(), &report).await;
             }
-            Handled::Retry { delay_ms } => {
-                match publish_retry(&ctx, &channels.publish, &task, &delivery, delay_ms).await {
-                    Ok(()) => delivery.ack(BasicAckOptions::default()).await,
-                    Err(err) => {
-                        tracing::warn!(task_id = %task_id, cause = %err, "cannot schedule the retry; handing the task back");
-                        hand_back(&ctx, &task, &delivery).await
-                    }
-                }
-            }
-            Handled::Duplicate => {
-                tracing::debug!(task_id = %task_id, "duplicate message of a running task; dropping it");
+            if dead_letter {
+                tracing::warn!(
+                    "task failed its last attempt; message moved to the dead-letter queue"
+                );
+                delivery.reject(BasicRejectOptions { requeue: false }).await
+            } else {
                 delivery.ack(BasicAckOptions::default()).await
             }
-            Handled::Abandoned => {
-                tracing::info!(task_id = %task_id, "handing the task back to RabbitMQ");
-                hand_back(&ctx, &task, &delivery).await
-            }
-            Handled::NotStarted => {
-                tracing::debug!(task_id = %task_id, "shutting down; handing back a task that had not started");
-                delivery
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..BasicNackOptions::default()
-                    })
-                    .await
+        }
+        Handled::Retry { delay_ms } => {
+            match publish_retry(ctx, &channels.publish, task, delivery, delay_ms).await {
+                Ok(()) => delivery.ack(BasicAckOptions::default()).await,
+                Err(err) => {
+                    tracing::warn!(cause = %err, "cannot schedule the retry; handing the task back");
+                    hand_back(ctx, task, delivery).await
+                }
             }
         }
-    };
-    let settled = match tokio::time::timeout(crate::consumer::AMQP_TIMEOUT, settle).await {
-        Ok(settled) => settled.map_err(|err| err.to_string()),
-        Err(_) => Err("no answer from RabbitMQ in time".to_owned()),
-    };
-    if let Err(err) = settled {
-        tracing::warn!(task_id = %task_id, cause = %err, "could not settle the message; RabbitMQ will redeliver it, and the rerun changes nothing");
+        Handled::Duplicate => {
+            tracing::debug!("duplicate message of a running task; dropping it");
+            delivery.ack(BasicAckOptions::default()).await
+        }
+        Handled::Abandoned => {
+            tracing::info!("handing the task back to RabbitMQ");
+            hand_back(ctx, task, delivery).await
+        }
+        Handled::NotStarted => {
+            tracing::debug!("shutting down; handing back a task that had not started");
+            delivery.nack(requeue()).await
+        }
     }
 }
 
-async fn handle(ctx: &Context, task: &TaskMessage, redelivered: bool, stop: &Stop) -> Handled {
+/// The ack policy's steps: run slot → claim → run → record → S3.
+async fn handle(
+    ctx: &Context,
+    task: &TaskMessage,
+    redelivered: bool,
+    stop: &Stop,
+) -> Result<Handled, Abandoned> {
     let abandon = &stop.abandon;
-    let task_id = task.task_id.as_str();
-    let mut slot = tokio::select! {
-        biased;
-        () = stop.starting.cancelled() => return Handled::NotStarted,
-        () = abandon.cancelled() => return Handled::NotStarted,
-        slot = ctx.run_slots.acquire() => Some(slot),
+    let Some(slot) = run_slot(ctx, stop).await else {
+        return Ok(Handled::NotStarted);
     };
-    let started = std::time::Instant::now();
-    let Some(claim) = retry_until_ok(&POSTGRES, abandon, || {
+    let started = Instant::now();
+    let claim = persist(&POSTGRES, abandon, || {
         ctx.db.claim(task, &ctx.worker_id, redelivered)
     })
-    .await
-    else {
-        return Handled::Abandoned;
-    };
-    let claimed = started.elapsed();
-    if !matches!(claim, Claim::Started { attempt } if attempt <= ctx.retry.max_attempts) {
-        drop(slot.take()); // nothing to run
-    }
-    let mut ran = Duration::ZERO;
-    let (document, dead_letter) = match claim {
-        Claim::RunningElsewhere => return Handled::Duplicate,
+    .await?;
+    let (row, dead_letter) = match claim {
+        Claim::RunningElsewhere => return Ok(Handled::Duplicate),
         Claim::Finished => {
             // Finished before (a redelivery): store and report what is recorded.
-            match retry_until_ok(&POSTGRES, abandon, || ctx.db.document(task_id)).await {
-                Some(Some(document)) => (document, false),
-                Some(None) | None => return Handled::Abandoned,
-            }
+            drop(slot);
+            let row = persist(&POSTGRES, abandon, || ctx.db.row(task.task_id.as_str())).await?;
+            (row.ok_or(Abandoned)?, false)
         }
         Claim::Started { attempt } => {
-            let (outcome, dead_letter) = if attempt > ctx.retry.max_attempts {
-                (gave_up(attempt - 1), true)
-            } else {
-                let outcome = tokio::select! {
-                    () = abandon.cancelled() => return Handled::Abandoned,
-                    outcome = executor::execute(&ctx.registry, task, ctx.time_limits.for_type(&task.task_type)) => outcome,
-                };
-                ran = outcome.duration;
-                drop(slot.take());
-                match (&outcome.error, outcome.retryable) {
-                    (Some(error), true) if ctx.retry.should_retry(attempt) => {
-                        tracing::info!(task_id, attempt, %error, "task failed; will retry");
-                        let stored = retry_until_ok(&POSTGRES, abandon, || {
-                            ctx.db.retry_later(task_id, &ctx.worker_id, error)
-                        });
-                        if stored.await.is_none() {
-                            return Handled::Abandoned;
-                        }
-                        return Handled::Retry {
-                            delay_ms: ctx.retry.delay_ms(attempt, random_fraction()),
-                        };
-                    }
-                    (Some(error), true) => {
-                        let error = format!("failed after {attempt} attempts: {error}");
-                        (
-                            Outcome {
-                                error: Some(error),
-                                ..outcome
-                            },
-                            true,
-                        )
-                    }
-                    (Some(error), false) => {
-                        tracing::info!(task_id, task_type = %task.task_type, %error, "task failed");
-                        (outcome, false)
-                    }
-                    (None, _) => (outcome, false),
-                }
-            };
-            let finish = Finish {
-                task_id: task_id.to_owned(),
-                state: outcome.state,
-                result: outcome.result,
-                error: outcome.error,
-                worker_id: ctx.worker_id.clone(),
-                duration_ms: u64::try_from(outcome.duration.as_millis()).unwrap_or(u64::MAX),
-            };
-            match retry_until_ok(&POSTGRES, abandon, || ctx.db.finish(finish.clone())).await {
-                Some(document) => (document, dead_letter),
-                None => return Handled::Abandoned,
+            tracing::Span::current().record("attempt", attempt);
+            match run(ctx, task, attempt, slot, abandon).await? {
+                Ran::Retry { delay_ms } => return Ok(Handled::Retry { delay_ms }),
+                Ran::Done {
+                    outcome,
+                    dead_letter,
+                } => (record(ctx, task, outcome, abandon).await?, dead_letter),
             }
         }
     };
-    let stored_in_postgres = started.elapsed();
-    let bytes = serde_json::to_vec(&document).unwrap_or_default();
-    if retry_until_ok(&S3, abandon, || ctx.s3.put_result(task_id, bytes.clone()))
-        .await
-        .is_none()
-    {
-        return Handled::Abandoned;
-    }
+    let recorded = started.elapsed();
+    let document = row.document();
+    persist(&S3, abandon, || {
+        ctx.s3.put_result(task.task_id.as_str(), document.clone())
+    })
+    .await?;
     tracing::debug!(
-        task_id,
-        claim_ms = claimed.as_secs_f64() * 1e3,
-        run_ms = ran.as_secs_f64() * 1e3,
-        until_postgres_ms = stored_in_postgres.as_secs_f64() * 1e3,
-        s3_ms = (started.elapsed() - stored_in_postgres).as_secs_f64() * 1e3,
+        until_postgres_ms = recorded.as_secs_f64() * 1e3,
+        s3_ms = (started.elapsed() - recorded).as_secs_f64() * 1e3,
         "result stored"
     );
-    match report_from_document(task, &document) {
-        Some(report) => Handled::Stored {
-            report,
-            dead_letter,
-        },
-        None => Handled::Abandoned,
+    Ok(Handled::Stored {
+        report: row.report(),
+        dead_letter,
+    })
+}
+
+/// Waits for one of the worker's run slots; `None` if shutdown came first.
+async fn run_slot<'a>(ctx: &'a Context, stop: &Stop) -> Option<SemaphorePermit<'a>> {
+    tokio::select! {
+        biased;
+        () = stop.starting.cancelled() => None,
+        () = stop.abandon.cancelled() => None,
+        slot = ctx.run_slots.acquire() => slot.ok(),
+    }
+}
+
+/// Runs claimed run number `attempt`, holding `slot` until the handler ends,
+/// and decides what to record: the outcome, or a retry. A task past its
+/// attempts is not run again: it is a poison message that kept killing its worker.
+async fn run(
+    ctx: &Context,
+    task: &TaskMessage,
+    attempt: u32,
+    slot: SemaphorePermit<'_>,
+    abandon: &CancellationToken,
+) -> Result<Ran, Abandoned> {
+    if attempt > ctx.retry.max_attempts {
+        return Ok(Ran::Done {
+            outcome: gave_up(attempt - 1),
+            dead_letter: true,
+        });
+    }
+    let limit = ctx.time_limits.for_type(&task.task_type);
+    let outcome = tokio::select! {
+        () = abandon.cancelled() => return Err(Abandoned),
+        outcome = executor::execute(&ctx.registry, task, limit) => outcome,
+    };
+    drop(slot);
+    tracing::debug!(run_ms = outcome.duration.as_secs_f64() * 1e3, "task ran");
+    let Some(error) = outcome.error.clone() else {
+        return Ok(Ran::Done {
+            outcome,
+            dead_letter: false,
+        });
+    };
+    if !outcome.retryable {
+        tracing::info!(%error, "task failed");
+        return Ok(Ran::Done {
+            outcome,
+            dead_letter: false,
+        });
+    }
+    if !ctx.retry.should_retry(attempt) {
+        let error = format!("failed after {attempt} attempts: {error}");
+        return Ok(Ran::Done {
+            outcome: Outcome {
+                error: Some(error),
+                ..outcome
+            },
+            dead_letter: true,
+        });
+    }
+    tracing::info!(%error, "task failed; will retry");
+    let task_id = task.task_id.as_str();
+    persist(&POSTGRES, abandon, || {
+        ctx.db.retry_later(task_id, &ctx.worker_id, &error)
+    })
+    .await?;
+    Ok(Ran::Retry {
+        delay_ms: ctx.retry.delay_ms(attempt, random_fraction()),
+    })
+}
+
+/// Records how the task ended; returns its row as PostgreSQL holds it (the
+/// first finish wins, so a rerun gets the first outcome back).
+async fn record(
+    ctx: &Context,
+    task: &TaskMessage,
+    outcome: Outcome,
+    abandon: &CancellationToken,
+) -> Result<TaskRow, Abandoned> {
+    let finish = Finish {
+        task_id: task.task_id.to_string(),
+        state: outcome.state,
+        result: outcome.result,
+        error: outcome.error,
+        worker_id: ctx.worker_id.clone(),
+        duration_ms: u64::try_from(outcome.duration.as_millis()).unwrap_or(u64::MAX),
+    };
+    persist(&POSTGRES, abandon, || ctx.db.finish(finish.clone())).await
+}
+
+/// A step against `dependency` (PostgreSQL or S3), retried with backoff
+/// until it succeeds or `abandon`.
+async fn persist<T, E, F, Fut>(
+    dependency: &Dependency,
+    abandon: &CancellationToken,
+    step: F,
+) -> Result<T, Abandoned>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    retry_until_ok(dependency, abandon, step)
+        .await
+        .ok_or(Abandoned)
+}
+
+fn requeue() -> BasicNackOptions {
+    BasicNackOptions {
+        requeue: true,
+        ..BasicNackOptions::default()
     }
 }
 
@@ -274,11 +357,7 @@ async fn hand_back(
     delivery: &Delivery,
 ) -> Result<bool, lapin::Error> {
     release(ctx, task).await;
-    let requeue = BasicNackOptions {
-        requeue: true,
-        ..BasicNackOptions::default()
-    };
-    delivery.nack(requeue).await
+    delivery.nack(requeue()).await
 }
 
 /// Best effort: the claim does not count when the task is handed back.
@@ -288,22 +367,8 @@ async fn release(ctx: &Context, task: &TaskMessage) {
         ctx.db.release(task.task_id.as_str(), &ctx.worker_id),
     );
     if let Ok(Err(err)) = released.await {
-        tracing::debug!(task_id = %task.task_id, cause = %err, "could not release the claim");
+        tracing::debug!(cause = %err, "could not release the claim");
     }
-}
-
-/// The report of a finished row.
-fn report_from_document(task: &TaskMessage, document: &Value) -> Option<TaskReport> {
-    let status: TaskState = document.get("state")?.as_str()?.parse().ok()?;
-    let non_null = |key: &str| document.get(key).filter(|value| !value.is_null()).cloned();
-    Some(TaskReport {
-        task_id: task.task_id.clone(),
-        status,
-        result: non_null("result"),
-        error: non_null("error").and_then(|e| e.as_str().map(str::to_owned)),
-        worker_id: non_null("worker_id").and_then(|w| w.as_str().map(str::to_owned)),
-        duration_ms: non_null("duration_ms").and_then(|d| d.as_u64()),
-    })
 }
 
 /// Sends a report to a distribuidor's reply queue. Best effort: the result
@@ -325,5 +390,5 @@ async fn send_report(channel: &Channel, reply_to: &str, report: &TaskReport) {
         Ok(Err(err)) => err.to_string(),
         Err(_) => "RabbitMQ did not take it in time".to_owned(),
     };
-    tracing::warn!(task_id = %report.task_id, %cause, "could not send the result back; it is stored");
+    tracing::warn!(%cause, "could not send the result back; it is stored");
 }

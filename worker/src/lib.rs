@@ -8,6 +8,7 @@
 //! - [`builtins`]: the built-in task types.
 //! - [`health`]: the heartbeat file behind `worker --check-health`.
 //! - [`executor`]: runs one handler: blocking pool or polled in place, time limit, panics caught.
+//! - [`context`]: what every delivery shares: stores, run slots, channels.
 //! - [`consumer`]: the RabbitMQ session: prefetch, reconnects, drain on shutdown.
 //! - [`delivery`]: one delivery to its ack: run slot, claim, run, retry, store, reply, dead-letter.
 //! - [`retry`]: the retry policy: attempts, exponential backoff, jitter.
@@ -16,6 +17,7 @@
 pub mod builtins;
 pub mod config;
 pub mod consumer;
+pub mod context;
 pub mod delivery;
 pub mod executor;
 pub mod health;
@@ -41,7 +43,7 @@ const RABBITMQ_DEFAULT_CONSUMER_TIMEOUT_SECS: u64 = 30 * 60;
 
 /// A worker ready to run.
 pub struct Worker {
-    context: consumer::Context,
+    context: context::Context,
 }
 
 impl Worker {
@@ -58,7 +60,7 @@ impl Worker {
                  consumer_timeout in rabbitmq.conf above it (deploy/rabbitmq.conf sets 1 h)"
             );
         }
-        let context = consumer::Context {
+        let context = context::Context {
             registry,
             amqp_url: config.broker.amqp_url.clone(),
             db: Db::new(&config.database.database_url, prefetch + 2)?,

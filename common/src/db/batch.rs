@@ -66,9 +66,11 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
                             }
                         }
                         Err(err) => {
-                            let message = err.to_string();
+                            // Every call of the batch gets the same cause,
+                            // kept whole (not flattened to a string).
+                            let cause = Arc::new(err);
                             for waiter in waiters {
-                                let _ = waiter.send(Err(DbError::Batch(message.clone())));
+                                let _ = waiter.send(Err(DbError::Batch(cause.clone())));
                             }
                         }
                     }
@@ -85,10 +87,8 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
         self.calls
             .send((request, waiter))
             .await
-            .map_err(|_| DbError::Batch("the batch writer stopped".into()))?;
-        answer
-            .await
-            .map_err(|_| DbError::Batch("the batch writer dropped the call".into()))?
+            .map_err(|_| DbError::BatchWriterGone)?;
+        answer.await.map_err(|_| DbError::BatchWriterGone)?
     }
 }
 
@@ -132,9 +132,23 @@ mod tests {
     #[tokio::test]
     async fn a_failed_batch_fails_each_of_its_calls() {
         let batcher: Batcher<u32, u32> =
-            Batcher::spawn(8, 1, |_| async { Err(DbError::Batch("disk full".into())) });
+            Batcher::spawn(8, 1, |_| async { Err(DbError::Config("disk full".into())) });
         let err = batcher.call(1).await.unwrap_err();
         assert!(err.to_string().contains("disk full"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_failed_batch_keeps_its_cause() {
+        let batcher: Batcher<u32, u32> = Batcher::spawn(8, 1, |_| async {
+            Err(DbError::Corrupt {
+                task_id: "t".into(),
+                state: "lost".into(),
+            })
+        });
+        let err = batcher.call(1).await.unwrap_err();
+        assert!(matches!(err, DbError::Batch(_)), "{err:?}");
+        assert!(matches!(err.root(), DbError::Corrupt { .. }), "{err:?}");
+        assert!(std::error::Error::source(&err).is_some());
     }
 
     async fn futures_join<T>(handles: impl Iterator<Item = tokio::task::JoinHandle<T>>) -> Vec<T> {

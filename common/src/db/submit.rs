@@ -1,0 +1,192 @@
+//! The distribuidor's statements: record a submission (batched), undo or
+//! renew it around its publish, answer status.
+
+use std::collections::HashMap;
+
+use deadpool_postgres::Pool;
+use serde_json::Value;
+
+use super::rows::{record, records_by_id, TaskRecord};
+use super::{Db, DbError};
+use crate::task::{TaskMessage, TaskState};
+
+/// What became of a submission.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Submission {
+    /// A new row, state `queued`, in this version.
+    New(RowVersion),
+    /// The task id was already known; its row as it stands.
+    Existing(TaskRecord),
+}
+
+/// The version of a row one submission wrote (PostgreSQL's `xmin`): if its
+/// publish is refused, that submission removes the row only while it is
+/// still this version, never after another submission republished it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowVersion(pub(super) String);
+
+impl Db {
+    /// Records a submitted task as `queued`, unless its id is known already.
+    pub async fn insert_queued(&self, task: &TaskMessage) -> Result<Submission, DbError> {
+        self.submissions.call(task.clone()).await
+    }
+
+    /// The row of `task_id`, if there is one.
+    pub async fn status(&self, task_id: &str) -> Result<Option<TaskRecord>, DbError> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_opt(
+                "SELECT state, result, error, worker_id, duration_ms FROM tasks WHERE task_id = $1",
+                &[&task_id],
+            )
+            .await?;
+        row.map(|row| record(task_id, &row)).transpose()
+    }
+
+    /// The rows of those `task_ids` that exist.
+    pub async fn records(&self, task_ids: &[&str]) -> Result<HashMap<String, TaskRecord>, DbError> {
+        let client = self.pool.get().await?;
+        records_by_id(&client, task_ids).await
+    }
+
+    /// Removes the row of a submission that RabbitMQ certainly did not take
+    /// (the client got `unavailable`), so no `queued` row outlives it —
+    /// unless another submission of the same id published it meanwhile
+    /// ([`Db::keep_queued`] changed its version).
+    pub async fn forget_unpublished(
+        &self,
+        task_id: &str,
+        version: &RowVersion,
+    ) -> Result<(), DbError> {
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "DELETE FROM tasks
+                 WHERE task_id = $1 AND state = 'queued' AND attempts = 0 AND xmin::text = $2",
+                &[&task_id, &version.0],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// After republishing a task whose row was `queued`: gives the row a new
+    /// version, so a concurrent refused submission does not remove it, or
+    /// writes it again if one already did. A row that moved on is left alone.
+    pub async fn keep_queued(&self, task: &TaskMessage) -> Result<(), DbError> {
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "WITH touched AS (
+                     UPDATE tasks SET state = state WHERE task_id = $1 AND state = 'queued'
+                     RETURNING task_id)
+                 INSERT INTO tasks (task_id, task_type, payload, state)
+                 SELECT $1, $2, $3, 'queued' WHERE NOT EXISTS (SELECT 1 FROM touched)
+                 ON CONFLICT (task_id) DO NOTHING",
+                &[&task.task_id.as_str(), &task.task_type, &task.payload],
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+/// One statement for many submissions; ids already known are looked up.
+pub(super) async fn insert_queued_batch(
+    pool: Pool,
+    tasks: Vec<TaskMessage>,
+) -> Result<Vec<Result<Submission, DbError>>, DbError> {
+    let client = pool.get().await?;
+    let ids: Vec<&str> = tasks.iter().map(|t| t.task_id.as_str()).collect();
+    let types: Vec<&str> = tasks.iter().map(|t| t.task_type.as_str()).collect();
+    let payloads: Vec<&Value> = tasks.iter().map(|t| &t.payload).collect();
+    let statement = client
+        .prepare_cached(
+            "INSERT INTO tasks (task_id, task_type, payload, state)
+             SELECT id, task_type, payload, 'queued' FROM UNNEST($1::text[], $2::text[], $3::jsonb[]) AS u(id, task_type, payload)
+             ON CONFLICT (task_id) DO NOTHING
+             RETURNING task_id, xmin::text",
+        )
+        .await?;
+    let rows = client.query(&statement, &[&ids, &types, &payloads]).await?;
+    let mut inserted: HashMap<String, String> = rows
+        .iter()
+        .map(|row| (row.get::<_, String>(0), row.get::<_, String>(1)))
+        .collect();
+    let known: Vec<&str> = ids
+        .iter()
+        .copied()
+        .filter(|id| !inserted.contains_key(*id))
+        .collect();
+    let existing = records_by_id(&client, &known).await?;
+    let answers = tasks
+        .iter()
+        .map(|task| {
+            let id = task.task_id.as_str();
+            // The first call for an id gets the new row; a repeat in the
+            // same batch sees it as it is, queued.
+            if let Some(version) = inserted.remove(id) {
+                return Ok(Submission::New(RowVersion(version)));
+            }
+            Ok(match existing.get(id) {
+                Some(record) => Submission::Existing(record.clone()),
+                None => Submission::Existing(TaskRecord {
+                    state: TaskState::Queued,
+                    result: None,
+                    error: None,
+                    worker_id: None,
+                    duration_ms: None,
+                }),
+            })
+        })
+        .collect();
+    Ok(answers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{test_db, test_task};
+    use super::*;
+
+    #[tokio::test]
+    async fn a_submission_is_new_once_then_existing() {
+        let db = test_db().await;
+        let task = test_task("echo");
+        let first = db.insert_queued(&task).await.expect("insert");
+        assert!(matches!(first, Submission::New(_)), "{first:?}");
+        let again = db.insert_queued(&task).await.expect("insert again");
+        let Submission::Existing(record) = again else {
+            panic!("a known id is not new: {again:?}");
+        };
+        assert_eq!(record.state, TaskState::Queued);
+        let status = db.status(task.task_id.as_str()).await.expect("status");
+        assert_eq!(status.map(|r| r.state), Some(TaskState::Queued));
+        let records = db.records(&[task.task_id.as_str(), "never-seen"]).await;
+        assert_eq!(records.expect("records").len(), 1);
+    }
+
+    #[tokio::test]
+    async fn forgetting_removes_only_the_version_it_wrote() {
+        let db = test_db().await;
+        let task = test_task("echo");
+        let Submission::New(version) = db.insert_queued(&task).await.expect("insert") else {
+            panic!("new id");
+        };
+        // Another submission republished it: the row has a new version.
+        db.keep_queued(&task).await.expect("keep");
+        let id = task.task_id.as_str();
+        db.forget_unpublished(id, &version).await.expect("forget");
+        assert!(db.status(id).await.expect("status").is_some(), "kept");
+        // Its own version is removed.
+        let other = test_task("echo");
+        let Submission::New(version) = db.insert_queued(&other).await.expect("insert") else {
+            panic!("new id");
+        };
+        let other_id = other.task_id.as_str();
+        db.forget_unpublished(other_id, &version)
+            .await
+            .expect("forget");
+        assert!(db.status(other_id).await.expect("status").is_none());
+        // keep_queued writes a removed row again.
+        db.keep_queued(&other).await.expect("keep");
+        assert!(db.status(other_id).await.expect("status").is_some());
+    }
+}

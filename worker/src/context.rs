@@ -1,0 +1,49 @@
+//! What every delivery of one worker shares: its configuration, its stores,
+//! its run slots, and the channels of the current RabbitMQ connection. Its
+//! own module, so that the consumer and the delivery both depend on it and
+//! not on each other.
+
+use std::time::Duration;
+
+use lapin::Channel;
+use tareas_common::db::Db;
+use tareas_common::s3::S3Store;
+use tareas_common::topology::Topology;
+
+use crate::registry::Registry;
+use crate::retry::RetryPolicy;
+
+/// Longest wait for any one AMQP operation (opening, settling, closing):
+/// past it, the link is treated as broken rather than waited on forever.
+pub const AMQP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Everything a delivery needs.
+pub struct Context {
+    pub registry: Registry,
+    pub amqp_url: String,
+    pub db: Db,
+    pub s3: S3Store,
+    pub topology: Topology,
+    pub worker_id: String,
+    /// Tasks running at once: the permits of `run_slots`.
+    pub concurrency: usize,
+    /// Deliveries held at once (RabbitMQ prefetch), running or being stored.
+    pub prefetch: usize,
+    /// A delivery holds one from its claim to the end of its run.
+    pub run_slots: tokio::sync::Semaphore,
+    pub time_limits: crate::time_limits::TimeLimits,
+    pub retry: RetryPolicy,
+    pub drain_limit: Duration,
+    /// Touched while consuming; see [`crate::health`].
+    pub health_file: std::path::PathBuf,
+}
+
+/// One connection's channels.
+#[derive(Clone)]
+pub struct Channels {
+    /// Consumes the work queue; acks, nacks and rejects go here.
+    pub consume: Channel,
+    /// Confirm mode: retry copies are published here and confirmed before
+    /// the original is acked. Results to distribuidores go here too.
+    pub publish: Channel,
+}
