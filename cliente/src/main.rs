@@ -101,18 +101,9 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let limit = Duration::from_secs(cli.timeout);
+    let addr = cli.addr.as_str();
     match cli.command {
-        None => {
-            let summary = demo::run(&cli.addr, limit, true).await?;
-            if !summary.errors.is_empty() {
-                bail!(
-                    "{} task(s) were refused: {}",
-                    summary.errors.len(),
-                    summary.errors.join("; ")
-                );
-            }
-            Ok(())
-        }
+        None => demo(addr, limit).await,
         Some(Command::Submit {
             task_type,
             payload,
@@ -120,80 +111,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             wait,
         }) => {
             let payload = serde_json::from_str(&payload).context("--payload is not valid JSON")?;
-            let mut client = Client::connect(&cli.addr).await?;
             let task = TaskRequest {
                 task_id,
                 task_type: Some(task_type),
                 payload: Some(payload),
                 notify: Some(wait),
             };
-            client.submit(task).await?;
-            let ack = expect_ok(client.recv_within(limit).await?)?;
-            println!("{}", serde_json::to_string(&ack)?);
-            if wait {
-                let result = expect_ok(client.recv_within(limit).await?)?;
-                println!("{}", serde_json::to_string(&result)?);
-                if let Reply::Result(report) = result {
-                    if report.status == TaskState::Failed {
-                        bail!(
-                            "task {} failed: {}",
-                            report.task_id,
-                            report.error.unwrap_or_default()
-                        );
-                    }
-                }
-            }
-            Ok(())
+            submit(addr, task, wait, limit).await
         }
         Some(Command::Status { task_id }) => {
-            one_request(&cli.addr, Request::Status { task_id }, limit).await
+            one_request(addr, Request::Status { task_id }, limit).await
         }
-        Some(Command::Ping) => one_request(&cli.addr, Request::Ping, limit).await,
-        Some(Command::Health) => {
-            let mut client = Client::connect(&cli.addr).await?;
-            client.send(&Request::Health).await?;
-            let reply = expect_ok(client.recv_within(limit).await?)?;
-            println!("{}", serde_json::to_string(&reply)?);
-            match reply {
-                Reply::Health { ready: true, .. } => Ok(()),
-                Reply::Health {
-                    rabbitmq, postgres, ..
-                } => {
-                    bail!(
-                        "not ready: rabbitmq {}, postgres {}",
-                        up(rabbitmq),
-                        up(postgres)
-                    )
-                }
-                other => bail!("unexpected reply: {other:?}"),
-            }
-        }
-        Some(Command::Bench(args)) => {
-            let report = cliente::bench::run(&cli.addr, &args).await?;
-            print!("{}", report.render());
-            if let Some(path) = &args.json {
-                std::fs::write(path, serde_json::to_vec_pretty(&report)?)
-                    .with_context(|| format!("writing {}", path.display()))?;
-            }
-            Ok(())
-        }
+        Some(Command::Ping) => one_request(addr, Request::Ping, limit).await,
+        Some(Command::Health) => health(addr, limit).await,
+        Some(Command::Bench(args)) => bench(addr, &args).await,
         Some(Command::Dlq {
             command: DlqCommand::List,
             broker,
             ..
-        }) => {
-            let dead = dlq::list(&broker).await?;
-            for letter in &dead {
-                println!(
-                    "{}  {}  ({})",
-                    letter.task_id.as_deref().unwrap_or("<unreadable message>"),
-                    letter.task_type.as_deref().unwrap_or("-"),
-                    letter.reason
-                );
-            }
-            println!("{} task(s) in {}.dlq", dead.len(), broker.queue);
-            Ok(())
-        }
+        }) => dlq_list(&broker).await,
         Some(Command::Dlq {
             command: DlqCommand::Replay { task_id, all: _ },
             broker,
@@ -203,14 +139,99 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(id) => dlq::Selection::One(id),
                 None => dlq::Selection::All,
             };
-            let replayed = dlq::replay(&broker, &database, &selection).await?;
-            for id in &replayed {
-                println!("replayed {id}");
-            }
-            println!("{} task(s) replayed into {}", replayed.len(), broker.queue);
-            Ok(())
+            dlq_replay(&broker, &database, &selection).await
         }
     }
+}
+
+/// No command: one task of each built-in type.
+async fn demo(addr: &str, limit: Duration) -> anyhow::Result<()> {
+    let summary = demo::run(addr, limit, true).await?;
+    if !summary.errors.is_empty() {
+        bail!(
+            "{} task(s) were refused: {}",
+            summary.errors.len(),
+            summary.errors.join("; ")
+        );
+    }
+    Ok(())
+}
+
+/// `submit`: prints the ack, and with `wait` the result; a failed task is an error.
+async fn submit(addr: &str, task: TaskRequest, wait: bool, limit: Duration) -> anyhow::Result<()> {
+    let mut client = Client::connect(addr).await?;
+    client.submit(task).await?;
+    let ack = expect_ok(client.recv_within(limit).await?)?;
+    println!("{}", serde_json::to_string(&ack)?);
+    if !wait {
+        return Ok(());
+    }
+    let result = expect_ok(client.recv_within(limit).await?)?;
+    println!("{}", serde_json::to_string(&result)?);
+    match result {
+        Reply::Result(report) if report.status == TaskState::Failed => bail!(
+            "task {} failed: {}",
+            report.task_id,
+            report.error.unwrap_or_default()
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// `health`: exits non-zero unless the distribuidor can accept tasks.
+async fn health(addr: &str, limit: Duration) -> anyhow::Result<()> {
+    let mut client = Client::connect(addr).await?;
+    client.send(&Request::Health).await?;
+    let reply = expect_ok(client.recv_within(limit).await?)?;
+    println!("{}", serde_json::to_string(&reply)?);
+    match reply {
+        Reply::Health { ready: true, .. } => Ok(()),
+        Reply::Health {
+            rabbitmq, postgres, ..
+        } => bail!(
+            "not ready: rabbitmq {}, postgres {}",
+            up(rabbitmq),
+            up(postgres)
+        ),
+        other => bail!("unexpected reply: {other:?}"),
+    }
+}
+
+async fn bench(addr: &str, args: &cliente::bench::BenchArgs) -> anyhow::Result<()> {
+    let report = cliente::bench::run(addr, args).await?;
+    print!("{}", report.render());
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+async fn dlq_list(broker: &BrokerArgs) -> anyhow::Result<()> {
+    let dead = dlq::list(broker).await?;
+    for letter in &dead {
+        println!(
+            "{}  {}  ({})",
+            letter.task_id.as_deref().unwrap_or("<unreadable message>"),
+            letter.task_type.as_deref().unwrap_or("-"),
+            letter.reason
+        );
+    }
+    println!("{} task(s) in {}.dlq", dead.len(), broker.queue);
+    Ok(())
+}
+
+async fn dlq_replay(
+    broker: &BrokerArgs,
+    database: &DatabaseArgs,
+    selection: &dlq::Selection,
+) -> anyhow::Result<()> {
+    let replayed = dlq::replay(broker, database, selection).await?;
+    for id in &replayed {
+        println!("replayed {id}");
+    }
+    println!("{} task(s) replayed into {}", replayed.len(), broker.queue);
+    Ok(())
 }
 
 async fn one_request(addr: &str, request: Request, limit: Duration) -> anyhow::Result<()> {

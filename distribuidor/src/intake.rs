@@ -85,6 +85,7 @@ impl Shared {
     /// alone, and a queued one is published again (its first publish may
     /// never have been confirmed; the worker's writes make a duplicate
     /// message harmless).
+    #[tracing::instrument(name = "submit", skip_all, fields(task_id = %task.task_id))]
     pub async fn submit(
         &self,
         task: TaskMessage,
@@ -92,82 +93,97 @@ impl Shared {
         results: &ResultSender,
     ) -> Handled {
         let task_id = task.task_id.clone();
-        let unavailable = |what: String| {
-            Handled::one(Reply::error(
-                ErrorCode::Unavailable,
-                format!("{what}; the task was NOT accepted, retry later"),
-                Some(task_id.to_string()),
-            ))
-        };
+        if task.notify {
+            self.router.subscribe(&task_id, connection, results);
+        }
         let ack = Reply::Ack {
             task_id: task_id.clone(),
             status: TaskState::Queued,
         };
-        if task.notify {
-            self.router.subscribe(&task_id, connection, results);
-        }
-        let started = std::time::Instant::now();
-        let recorded = self.db.insert_queued(&task).await;
-        let inserted = started.elapsed();
-        if recorded.is_ok() {
-            POSTGRES.succeeded();
-        }
-        let publish = match recorded {
-            Ok(Submission::New(version)) => Publish::NewRow(version),
-            Ok(Submission::Existing(record)) if record.state.is_terminal() => {
+        match self.queue(&task).await {
+            Ok(Queued::Published | Queued::Running) => Handled {
+                replies: vec![ack],
+                subscribed: task.notify.then_some(task_id),
+            },
+            Ok(Queued::Finished(record)) => {
                 self.router.unsubscribe(&task_id, connection);
                 let mut replies = vec![ack];
                 if task.notify {
                     replies.push(Reply::Result(report_from_record(&task_id, record)));
                 }
-                return Handled {
+                Handled {
                     replies,
                     subscribed: None,
-                };
+                }
             }
-            Ok(Submission::Existing(record)) if record.state == TaskState::Queued => {
+            Err(Unavailable(what)) => {
+                self.router.unsubscribe(&task_id, connection);
+                Handled::one(Reply::error(
+                    ErrorCode::Unavailable,
+                    format!("{what}; the task was NOT accepted, retry later"),
+                    Some(task_id.to_string()),
+                ))
+            }
+        }
+    }
+
+    /// Records the task, then publishes it if it needs to be: the order
+    /// that lets the ack promise both.
+    async fn queue(&self, task: &TaskMessage) -> Result<Queued, Unavailable> {
+        let started = std::time::Instant::now();
+        let recorded = match self.db.insert_queued(task).await {
+            Ok(recorded) => {
+                POSTGRES.succeeded();
+                recorded
+            }
+            Err(err) => {
+                POSTGRES.failed(&err);
+                return Err(Unavailable(format!("database unavailable ({err})")));
+            }
+        };
+        let inserted = started.elapsed();
+        let publish = match recorded {
+            Submission::New(version) => Publish::NewRow(version),
+            Submission::Existing(record) if record.state.is_terminal() => {
+                return Ok(Queued::Finished(record))
+            }
+            Submission::Existing(record) if record.state == TaskState::Queued => {
                 Publish::QueuedAgain
             }
             // Running: the message that runs it is in RabbitMQ already.
-            Ok(Submission::Existing(_)) => Publish::Nothing,
-            Err(err) => {
-                POSTGRES.failed(&err);
-                self.router.unsubscribe(&task_id, connection);
-                return unavailable(format!("database unavailable ({err})"));
-            }
+            Submission::Existing(_) => return Ok(Queued::Running),
         };
-        if !matches!(publish, Publish::Nothing) {
-            if let Err(err) = self.broker.publish(&task).await {
-                if !matches!(err, PublishError::Disconnected) {
-                    tracing::warn!(task_id = %task_id, cause = %err, "publish failed; the client gets `unavailable`");
-                }
-                self.router.unsubscribe(&task_id, connection);
-                // Certainly not queued: do not leave a `queued` row behind.
-                if let (Publish::NewRow(version), true) = (&publish, err.certainly_not_queued()) {
-                    if let Err(err) = self.db.forget_unpublished(task_id.as_str(), version).await {
-                        tracing::debug!(task_id = %task_id, cause = %err, "could not remove the unpublished row");
-                    }
-                }
-                return unavailable(format!("broker unavailable ({err})"));
-            }
-            if matches!(publish, Publish::QueuedAgain) {
-                // Make sure a refused twin does not remove the row this
-                // submission is acked on.
-                if let Err(err) = self.db.keep_queued(&task).await {
-                    tracing::debug!(task_id = %task_id, cause = %err, "could not keep the queued row");
-                }
-            }
-        }
+        self.publish(task, publish).await?;
         tracing::debug!(
-            task_id = %task_id,
             insert_ms = inserted.as_secs_f64() * 1e3,
             publish_ms = (started.elapsed() - inserted).as_secs_f64() * 1e3,
             "task queued"
         );
-        Handled {
-            replies: vec![ack],
-            subscribed: task.notify.then_some(task_id),
+        Ok(Queued::Published)
+    }
+
+    /// Publishes a recorded task. A refused publish of a new row removes
+    /// the row (certainly not queued: no `queued` row may outlive it); a
+    /// republished queued row is renewed, so a refused twin cannot remove it.
+    async fn publish(&self, task: &TaskMessage, publish: Publish) -> Result<(), Unavailable> {
+        let task_id = task.task_id.as_str();
+        if let Err(err) = self.broker.publish(task).await {
+            if !matches!(err, PublishError::Disconnected) {
+                tracing::warn!(cause = %err, "publish failed; the client gets `unavailable`");
+            }
+            if let (Publish::NewRow(version), true) = (&publish, err.certainly_not_queued()) {
+                if let Err(err) = self.db.forget_unpublished(task_id, version).await {
+                    tracing::debug!(cause = %err, "could not remove the unpublished row");
+                }
+            }
+            return Err(Unavailable(format!("broker unavailable ({err})")));
         }
+        if let Publish::QueuedAgain = publish {
+            if let Err(err) = self.db.keep_queued(task).await {
+                tracing::debug!(cause = %err, "could not keep the queued row");
+            }
+        }
+        Ok(())
     }
 
     /// Answers `{"type":"health"}`: ready when RabbitMQ is connected and
@@ -221,9 +237,21 @@ enum Publish {
     NewRow(RowVersion),
     /// A resubmission of a task still `queued`: published again.
     QueuedAgain,
-    /// A resubmission of a running task.
-    Nothing,
 }
+
+/// Where a submitted task stands once the distribuidor is done with it.
+enum Queued {
+    /// Recorded and confirmed by RabbitMQ (now or by an earlier submission
+    /// that is republished): ack, and wait for the result.
+    Published,
+    /// A resubmission of a task that is running: ack, and wait.
+    Running,
+    /// A resubmission of a finished task: ack, and push what is recorded.
+    Finished(TaskRecord),
+}
+
+/// Why a submission was not accepted; the client is told `unavailable`.
+struct Unavailable(String);
 
 pub(crate) fn report_from_record(task_id: &TaskId, record: TaskRecord) -> TaskReport {
     TaskReport {

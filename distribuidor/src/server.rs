@@ -13,6 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::config::Limits;
 use crate::connection;
@@ -55,13 +56,16 @@ pub async fn run(
         let shared = shared.clone();
         let limits = limits.clone();
         let shutdown = shutdown.clone();
-        tracker.spawn(async move {
-            tracing::debug!(connection = id, %peer, "client connected");
+        // One span per client: every line logged while serving it says which.
+        let span = tracing::info_span!("connection", id, %peer);
+        let serving = async move {
+            tracing::debug!("client connected");
             if let Err(err) = connection::serve(stream, id, shared, limits, shutdown).await {
-                tracing::debug!(connection = id, %peer, cause = %err, "client connection ended with an error");
+                tracing::debug!(cause = %err, "client connection ended with an error");
             }
             drop(permit);
-        });
+        };
+        tracker.spawn(serving.instrument(span));
     }
     tracker.close();
     let limit = Duration::from_secs(limits.shutdown_timeout_secs);

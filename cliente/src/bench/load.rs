@@ -288,63 +288,23 @@ async fn receive(
         let now = Instant::now();
         match reply {
             Reply::Ack { task_id, .. } => {
-                let id = task_id.to_string();
-                let sent = lock(pending).sent_at.remove(&id);
                 window.add_permits(1);
                 acked += 1;
                 progress.inc(1);
-                let mut result = lock(&totals.result);
-                result.acked += 1;
-                result.ack_elapsed = now - totals.first_send;
-                if let Some(sent) = sent {
-                    let _ = result.ack_latency.record(micros(now - sent));
-                    if notify {
-                        lock(pending).acked.insert(id.clone(), sent);
-                    }
-                }
-                drop(result);
-                lock(&totals.acked_ids).push(id);
+                record_ack(task_id.to_string(), now, notify, pending, totals);
             }
             Reply::Result(report) => {
-                let id = report.task_id.to_string();
-                let mut result = lock(&totals.result);
-                if !seen_results.insert(id.clone()) {
-                    result.duplicate_results += 1;
+                if !seen_results.insert(report.task_id.to_string()) {
+                    lock(&totals.result).duplicate_results += 1;
                     continue;
                 }
                 finished += 1;
                 progress.inc(1);
-                result.results += 1;
-                result.result_elapsed = now - totals.first_send;
-                if report.status == tareas_common::task::TaskState::Failed {
-                    result.failed += 1;
-                }
-                if let Some(worker) = report.worker_id {
-                    *result.workers.entry(worker).or_default() += 1;
-                }
-                if let Some(sent) = lock(pending).acked.remove(&id) {
-                    let _ = result.end_to_end_latency.record(micros(now - sent));
-                }
+                record_result(report, now, pending, totals);
             }
             Reply::Error(error) => {
                 window.add_permits(1);
-                *lock(&totals.result)
-                    .errors
-                    .entry(error.code.as_str().to_owned())
-                    .or_default() += 1;
-                let id = error.task_id.clone().unwrap_or_default();
-                lock(pending).sent_at.remove(&id);
-                let unavailable = error.code == tareas_common::protocol::ErrorCode::Unavailable;
-                if let (Some(resend), true, false) =
-                    (&retry_unavailable, unavailable, id.is_empty())
-                {
-                    // Give the system a moment to come back before trying again.
-                    let resend = resend.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        let _ = resend.send(id);
-                    });
-                } else {
+                if !record_error(error, retry_unavailable.as_ref(), pending, totals) {
                     // Refused for good: it will never be acked nor finish.
                     acked += 1;
                     finished += 1;
@@ -354,6 +314,71 @@ async fn receive(
         }
     }
     Ok(())
+}
+
+/// Counts an ack and its latency; remembers when the task was sent, for
+/// its end-to-end latency.
+fn record_ack(id: String, now: Instant, notify: bool, pending: &Mutex<Pending>, totals: &Totals) {
+    let sent = lock(pending).sent_at.remove(&id);
+    let mut result = lock(&totals.result);
+    result.acked += 1;
+    result.ack_elapsed = now - totals.first_send;
+    if let Some(sent) = sent {
+        let _ = result.ack_latency.record(micros(now - sent));
+        if notify {
+            lock(pending).acked.insert(id.clone(), sent);
+        }
+    }
+    drop(result);
+    lock(&totals.acked_ids).push(id);
+}
+
+/// Counts a (first) result, its worker and its end-to-end latency.
+fn record_result(
+    report: tareas_common::task::TaskReport,
+    now: Instant,
+    pending: &Mutex<Pending>,
+    totals: &Totals,
+) {
+    let mut result = lock(&totals.result);
+    result.results += 1;
+    result.result_elapsed = now - totals.first_send;
+    if report.status == tareas_common::task::TaskState::Failed {
+        result.failed += 1;
+    }
+    if let Some(worker) = report.worker_id {
+        *result.workers.entry(worker).or_default() += 1;
+    }
+    if let Some(sent) = lock(pending).acked.remove(report.task_id.as_str()) {
+        let _ = result.end_to_end_latency.record(micros(now - sent));
+    }
+}
+
+/// Counts an error reply; an `unavailable` task is sent again after a
+/// moment when retrying is on. Returns whether it will be sent again.
+fn record_error(
+    error: tareas_common::protocol::ErrorReply,
+    retry_unavailable: Option<&tokio::sync::mpsc::UnboundedSender<String>>,
+    pending: &Mutex<Pending>,
+    totals: &Totals,
+) -> bool {
+    *lock(&totals.result)
+        .errors
+        .entry(error.code.as_str().to_owned())
+        .or_default() += 1;
+    let id = error.task_id.unwrap_or_default();
+    lock(pending).sent_at.remove(&id);
+    let unavailable = error.code == tareas_common::protocol::ErrorCode::Unavailable;
+    let (Some(resend), true, false) = (retry_unavailable, unavailable, id.is_empty()) else {
+        return false;
+    };
+    // Give the system a moment to come back before trying again.
+    let resend = resend.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = resend.send(id);
+    });
+    true
 }
 
 fn micros(elapsed: Duration) -> u64 {

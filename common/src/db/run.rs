@@ -132,60 +132,9 @@ pub(super) async fn claim_batch(
     calls: Vec<ClaimCall>,
 ) -> Result<Vec<Result<Claim, DbError>>, DbError> {
     let client = pool.get().await?;
-    let mut answers: Vec<Option<Result<Claim, DbError>>> = calls.iter().map(|_| None).collect();
+    let mut answers: Vec<Option<Claim>> = calls.iter().map(|_| None).collect();
     for redelivered in [false, true] {
-        let mut seen = std::collections::HashSet::new();
-        // ON CONFLICT DO UPDATE may touch a row once per statement: repeats wait.
-        let group: Vec<usize> = (0..calls.len())
-            .filter(|&i| {
-                calls[i].redelivered == redelivered && seen.insert(calls[i].task.task_id.as_str())
-            })
-            .collect();
-        if group.is_empty() {
-            continue;
-        }
-        let ids: Vec<&str> = group
-            .iter()
-            .map(|&i| calls[i].task.task_id.as_str())
-            .collect();
-        let types: Vec<&str> = group
-            .iter()
-            .map(|&i| calls[i].task.task_type.as_str())
-            .collect();
-        let payloads: Vec<&Value> = group.iter().map(|&i| &calls[i].task.payload).collect();
-        let workers: Vec<&str> = group.iter().map(|&i| calls[i].worker_id.as_str()).collect();
-        let claimable = if redelivered {
-            vec!["queued", "running"]
-        } else {
-            vec!["queued"]
-        };
-        let statement = client
-            .prepare_cached(
-                "INSERT INTO tasks (task_id, task_type, payload, state, worker_id, attempts, started_at)
-                 SELECT id, task_type, payload, 'running', worker_id, 1, now()
-                 FROM UNNEST($1::text[], $2::text[], $3::jsonb[], $4::text[]) AS u(id, task_type, payload, worker_id)
-                 ON CONFLICT (task_id) DO UPDATE
-                 SET state = 'running', worker_id = EXCLUDED.worker_id,
-                     attempts = tasks.attempts + 1, started_at = now()
-                 WHERE tasks.state = ANY($5)
-                 RETURNING task_id, attempts",
-            )
-            .await?;
-        let rows = client
-            .query(&statement, &[&ids, &types, &payloads, &workers, &claimable])
-            .await?;
-        for row in rows {
-            let id: String = row.try_get(0)?;
-            let attempt: i32 = row.try_get(1)?;
-            if let Some(&i) = group
-                .iter()
-                .find(|&&i| calls[i].task.task_id.as_str() == id)
-            {
-                answers[i] = Some(Ok(Claim::Started {
-                    attempt: u32::try_from(attempt).unwrap_or(1),
-                }));
-            }
-        }
+        claim_group(&client, &calls, redelivered, &mut answers).await?;
     }
     let unclaimed: Vec<&str> = calls
         .iter()
@@ -198,18 +147,78 @@ pub(super) async fn claim_batch(
         .iter()
         .zip(answers)
         .map(|(call, answer)| {
-            answer.unwrap_or_else(|| {
+            Ok(answer.unwrap_or_else(|| {
                 let terminal = rows
                     .get(call.task.task_id.as_str())
                     .is_some_and(|record| record.state.is_terminal());
-                Ok(if terminal {
+                if terminal {
                     Claim::Finished
                 } else {
                     Claim::RunningElsewhere
-                })
-            })
+                }
+            }))
         })
         .collect())
+}
+
+/// Claims, in one statement, the calls of one kind (first deliveries, or
+/// redeliveries) that no earlier call of the batch claimed; fills their answers.
+async fn claim_group(
+    client: &deadpool_postgres::Client,
+    calls: &[ClaimCall],
+    redelivered: bool,
+    answers: &mut [Option<Claim>],
+) -> Result<(), DbError> {
+    let mut seen = std::collections::HashSet::new();
+    // ON CONFLICT DO UPDATE may touch a row once per statement: repeats wait.
+    let group: Vec<usize> = (0..calls.len())
+        .filter(|&i| {
+            calls[i].redelivered == redelivered && seen.insert(calls[i].task.task_id.as_str())
+        })
+        .collect();
+    if group.is_empty() {
+        return Ok(());
+    }
+    let column = |field: fn(&ClaimCall) -> &str| -> Vec<&str> {
+        group.iter().map(|&i| field(&calls[i])).collect()
+    };
+    let ids = column(|call| call.task.task_id.as_str());
+    let types = column(|call| call.task.task_type.as_str());
+    let workers = column(|call| call.worker_id.as_str());
+    let payloads: Vec<&Value> = group.iter().map(|&i| &calls[i].task.payload).collect();
+    let claimable = if redelivered {
+        vec!["queued", "running"]
+    } else {
+        vec!["queued"]
+    };
+    let statement = client
+        .prepare_cached(
+            "INSERT INTO tasks (task_id, task_type, payload, state, worker_id, attempts, started_at)
+             SELECT id, task_type, payload, 'running', worker_id, 1, now()
+             FROM UNNEST($1::text[], $2::text[], $3::jsonb[], $4::text[]) AS u(id, task_type, payload, worker_id)
+             ON CONFLICT (task_id) DO UPDATE
+             SET state = 'running', worker_id = EXCLUDED.worker_id,
+                 attempts = tasks.attempts + 1, started_at = now()
+             WHERE tasks.state = ANY($5)
+             RETURNING task_id, attempts",
+        )
+        .await?;
+    let rows = client
+        .query(&statement, &[&ids, &types, &payloads, &workers, &claimable])
+        .await?;
+    for row in rows {
+        let id: String = row.try_get(0)?;
+        let attempt: i32 = row.try_get(1)?;
+        if let Some(&i) = group
+            .iter()
+            .find(|&&i| calls[i].task.task_id.as_str() == id)
+        {
+            answers[i] = Some(Claim::Started {
+                attempt: u32::try_from(attempt).unwrap_or(1),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// One statement for many finishes; rows finished before are read back.
