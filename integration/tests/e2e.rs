@@ -6,6 +6,8 @@
 mod bad_input;
 mod bench_smoke;
 mod deployment;
+mod limits;
+mod operator;
 mod pipeline;
 mod recovery;
 mod reliability;
