@@ -34,6 +34,20 @@ pub enum PublishError {
 }
 
 impl PublishError {
+    /// What a client is told: which dependency and what happened, without
+    /// the broker's or the library's own text.
+    pub fn client_message(&self) -> &'static str {
+        match self {
+            PublishError::Disconnected => "RabbitMQ is unreachable",
+            PublishError::Amqp(_) => "RabbitMQ refused the task",
+            PublishError::Timeout(_) => "RabbitMQ did not confirm the task in time",
+            PublishError::Nacked => "RabbitMQ refused the task",
+            PublishError::Unroutable(_) => {
+                "RabbitMQ returned the task as unroutable (the work queue is missing)"
+            }
+        }
+    }
+
     /// Whether RabbitMQ certainly does not hold the message (as opposed to a
     /// timeout or a broken channel, after which it may).
     pub fn certainly_not_queued(&self) -> bool {

@@ -24,6 +24,34 @@ pub const COMPUTE_MAX_ITERATIONS: u64 = 1_000_000_000;
 /// Longest `sleep`, in milliseconds.
 pub const SLEEP_MAX_MS: u64 = 60_000;
 
+/// The caps on built-in payloads that an operator sets, so that no single
+/// task is unboundedly large (the message size limit bounds them too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PayloadLimits {
+    /// Longest `text` of `hash`, `reverse` and `echo`, in bytes (`TAREAS_MAX_TEXT_BYTES`).
+    pub max_text_bytes: usize,
+    /// Most `numbers` of a `sum` (`TAREAS_MAX_SUM_NUMBERS`).
+    pub max_sum_numbers: usize,
+}
+
+impl PayloadLimits {
+    /// No operator caps: what the worker checks (the caps are the
+    /// distribuidor's intake policy; a task it accepted must run).
+    pub const NONE: PayloadLimits = PayloadLimits {
+        max_text_bytes: usize::MAX,
+        max_sum_numbers: usize::MAX,
+    };
+}
+
+impl Default for PayloadLimits {
+    fn default() -> PayloadLimits {
+        PayloadLimits {
+            max_text_bytes: 65_536,
+            max_sum_numbers: 100_000,
+        }
+    }
+}
+
 /// `hash`, `reverse` and `echo`: `{"text": s}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -94,14 +122,53 @@ pub fn normalize(
     }
 }
 
+/// Checks that `payload` can be stored: PostgreSQL's `jsonb` refuses the
+/// NUL character (`\u0000`) in strings and keys, for any task type.
+pub fn check_storable(task_type: &str, payload: &Value) -> Result<(), PayloadError> {
+    if holds_nul(payload) {
+        return Err(PayloadError::Invalid {
+            task_type: task_type.to_owned(),
+            reason:
+                "the payload holds a NUL character (\\u0000), which cannot be stored; remove it"
+                    .into(),
+        });
+    }
+    Ok(())
+}
+
+fn holds_nul(value: &Value) -> bool {
+    match value {
+        Value::String(text) => text.contains('\0'),
+        Value::Array(items) => items.iter().any(holds_nul),
+        Value::Object(map) => map
+            .iter()
+            .any(|(key, value)| key.contains('\0') || holds_nul(value)),
+        Value::Null | Value::Bool(_) | Value::Number(_) => false,
+    }
+}
+
 /// Checks a built-in payload against its type and limits.
-pub fn validate(task_type: &str, payload: &Value) -> Result<(), PayloadError> {
+pub fn validate(
+    task_type: &str,
+    payload: &Value,
+    limits: &PayloadLimits,
+) -> Result<(), PayloadError> {
     let invalid = |reason: String| PayloadError::Invalid {
         task_type: task_type.to_owned(),
         reason,
     };
     match task_type {
-        HASH | REVERSE | ECHO => parse::<TextPayload>(task_type, payload).map(drop),
+        HASH | REVERSE | ECHO => {
+            let p: TextPayload = parse(task_type, payload)?;
+            if p.text.len() > limits.max_text_bytes {
+                return Err(invalid(format!(
+                    "text must be at most {} bytes (TAREAS_MAX_TEXT_BYTES), got {}",
+                    limits.max_text_bytes,
+                    p.text.len()
+                )));
+            }
+            Ok(())
+        }
         FIBONACCI => {
             let p: FibonacciPayload = parse(task_type, payload)?;
             if p.n > FIBONACCI_MAX_N {
@@ -112,7 +179,17 @@ pub fn validate(task_type: &str, payload: &Value) -> Result<(), PayloadError> {
             }
             Ok(())
         }
-        SUM => parse::<SumPayload>(task_type, payload).map(drop),
+        SUM => {
+            let p: SumPayload = parse(task_type, payload)?;
+            if p.numbers.len() > limits.max_sum_numbers {
+                return Err(invalid(format!(
+                    "numbers must hold at most {} values (TAREAS_MAX_SUM_NUMBERS), got {}",
+                    limits.max_sum_numbers,
+                    p.numbers.len()
+                )));
+            }
+            Ok(())
+        }
         COMPUTE => {
             let p: ComputePayload = parse(task_type, payload)?;
             if p.iterations > COMPUTE_MAX_ITERATIONS {
@@ -165,23 +242,48 @@ mod tests {
     #[test]
     fn samples_are_valid() {
         for task_type in ALL {
-            validate(task_type, &sample_payload(task_type)).unwrap();
+            validate(
+                task_type,
+                &sample_payload(task_type),
+                &PayloadLimits::default(),
+            )
+            .unwrap();
         }
     }
 
     #[test]
     fn refuses_bad_payloads() {
-        assert!(validate(HASH, &json!({"txt": "x"})).is_err());
-        assert!(validate(HASH, &json!("x")).is_err());
-        assert!(validate(FIBONACCI, &json!({"n": 1001})).is_err());
-        assert!(validate(FIBONACCI, &json!({"n": -1})).is_err());
-        assert!(validate(SUM, &json!({"numbers": [1, "2"]})).is_err());
-        assert!(validate(SLEEP, &json!({"ms": 60_001})).is_err());
-        assert!(validate(COMPUTE, &json!({"iterations": 1_000_000_001u64})).is_err());
+        let limits = PayloadLimits::default();
+        assert!(validate(HASH, &json!({"txt": "x"}), &limits).is_err());
+        assert!(validate(HASH, &json!("x"), &limits).is_err());
+        assert!(validate(FIBONACCI, &json!({"n": 1001}), &limits).is_err());
+        assert!(validate(FIBONACCI, &json!({"n": -1}), &limits).is_err());
+        assert!(validate(SUM, &json!({"numbers": [1, "2"]}), &limits).is_err());
+        assert!(validate(SLEEP, &json!({"ms": 60_001}), &limits).is_err());
+        assert!(validate(COMPUTE, &json!({"iterations": 1_000_000_001u64}), &limits).is_err());
         assert_eq!(
-            validate("nope", &json!({})),
+            validate("nope", &json!({}), &limits),
             Err(PayloadError::UnknownTaskType("nope".into()))
         );
+    }
+
+    #[test]
+    fn caps_text_and_sums() {
+        let limits = PayloadLimits {
+            max_text_bytes: 4,
+            max_sum_numbers: 2,
+        };
+        assert!(validate(ECHO, &json!({"text": "hola"}), &limits).is_ok());
+        let long = validate(ECHO, &json!({"text": "hola!"}), &limits).unwrap_err();
+        assert!(long.to_string().contains("TAREAS_MAX_TEXT_BYTES"), "{long}");
+        assert!(validate(SUM, &json!({"numbers": [1, 2, 3]}), &limits).is_err());
+    }
+
+    #[test]
+    fn refuses_nul_in_strings_and_keys() {
+        assert!(check_storable("echo", &json!({"text": "a\u{0}b"})).is_err());
+        assert!(check_storable("mine", &json!({"a": [{"k\u{0}": 1}]})).is_err());
+        assert!(check_storable("mine", &json!({"a": ["ok", 1, null]})).is_ok());
     }
 
     #[test]

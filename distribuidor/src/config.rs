@@ -51,9 +51,25 @@ pub struct Limits {
     /// Seconds to let connections finish their in-progress requests after SIGTERM.
     #[arg(long, env = "TAREAS_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
     pub shutdown_timeout_secs: u64,
+    /// Longest `text` of a `hash`, `reverse` or `echo` task, in bytes.
+    #[arg(long, env = "TAREAS_MAX_TEXT_BYTES", default_value_t = 65_536)]
+    pub max_text_bytes: usize,
+    /// Most `numbers` in one `sum` task.
+    #[arg(long, env = "TAREAS_MAX_SUM_NUMBERS", default_value_t = 100_000)]
+    pub max_sum_numbers: usize,
     /// PostgreSQL connections in the pool.
     #[arg(long, env = "TAREAS_DB_POOL_SIZE", default_value_t = 16)]
     pub db_pool_size: usize,
+}
+
+impl Limits {
+    /// The caps on built-in payloads.
+    pub fn payloads(&self) -> tareas_common::builtin::PayloadLimits {
+        tareas_common::builtin::PayloadLimits {
+            max_text_bytes: self.max_text_bytes,
+            max_sum_numbers: self.max_sum_numbers,
+        }
+    }
 }
 
 impl Config {

@@ -26,6 +26,8 @@ pub struct Shared {
     pub router: Arc<Router>,
     /// Task types accepted besides the built-ins.
     pub extra_task_types: HashSet<String>,
+    /// Caps on built-in payloads.
+    pub payload_limits: builtin::PayloadLimits,
 }
 
 /// The replies to one request, in order, and the task whose result the
@@ -65,8 +67,9 @@ impl Shared {
         };
         let (task_type, payload) =
             builtin::normalize(request.task_type, request.payload).map_err(refuse)?;
+        builtin::check_storable(&task_type, &payload).map_err(refuse)?;
         if builtin::is_builtin(&task_type) {
-            builtin::validate(&task_type, &payload).map_err(refuse)?;
+            builtin::validate(&task_type, &payload, &self.payload_limits).map_err(refuse)?;
         } else if !self.extra_task_types.contains(&task_type) {
             return Err(refuse(PayloadError::UnknownTaskType(task_type)));
         }
@@ -116,29 +119,29 @@ impl Shared {
                     subscribed: None,
                 }
             }
-            Err(Unavailable(what)) => {
+            Err(refusal) => {
                 self.router.unsubscribe(&task_id, connection);
-                Handled::one(Reply::error(
-                    ErrorCode::Unavailable,
-                    format!("{what}; the task was NOT accepted, retry later"),
-                    Some(task_id.to_string()),
-                ))
+                Handled::one(refusal.reply(&task_id))
             }
         }
     }
 
     /// Records the task, then publishes it if it needs to be: the order
     /// that lets the ack promise both.
-    async fn queue(&self, task: &TaskMessage) -> Result<Queued, Unavailable> {
+    async fn queue(&self, task: &TaskMessage) -> Result<Queued, Refusal> {
         let started = std::time::Instant::now();
         let recorded = match self.db.insert_queued(task).await {
             Ok(recorded) => {
                 POSTGRES.succeeded();
                 recorded
             }
+            Err(err) if err.is_data_error() => {
+                tracing::warn!(cause = %err, "PostgreSQL refuses the task's data");
+                return Err(Refusal::Unstorable);
+            }
             Err(err) => {
                 POSTGRES.failed(&err);
-                return Err(Unavailable(format!("database unavailable ({err})")));
+                return Err(Refusal::Unavailable("PostgreSQL is unavailable"));
             }
         };
         let inserted = started.elapsed();
@@ -165,7 +168,7 @@ impl Shared {
     /// Publishes a recorded task. A refused publish of a new row removes
     /// the row (certainly not queued: no `queued` row may outlive it); a
     /// republished queued row is renewed, so a refused twin cannot remove it.
-    async fn publish(&self, task: &TaskMessage, publish: Publish) -> Result<(), Unavailable> {
+    async fn publish(&self, task: &TaskMessage, publish: Publish) -> Result<(), Refusal> {
         let task_id = task.task_id.as_str();
         if let Err(err) = self.broker.publish(task).await {
             if !matches!(err, PublishError::Disconnected) {
@@ -176,7 +179,7 @@ impl Shared {
                     tracing::debug!(cause = %err, "could not remove the unpublished row");
                 }
             }
-            return Err(Unavailable(format!("broker unavailable ({err})")));
+            return Err(Refusal::Unavailable(err.client_message()));
         }
         if let Publish::QueuedAgain = publish {
             if let Err(err) = self.db.keep_queued(task).await {
@@ -223,7 +226,7 @@ impl Shared {
                 POSTGRES.failed(&err);
                 Reply::error(
                     ErrorCode::Unavailable,
-                    format!("database unavailable ({err}); retry later"),
+                    "PostgreSQL is unavailable; retry later".to_owned(),
                     Some(raw_task_id),
                 )
             }
@@ -250,8 +253,30 @@ enum Queued {
     Finished(TaskRecord),
 }
 
-/// Why a submission was not accepted; the client is told `unavailable`.
-struct Unavailable(String);
+/// Why a submission was not accepted.
+enum Refusal {
+    /// A dependency is away or refused it: `unavailable`, naming which,
+    /// never its own error text (that goes to the log).
+    Unavailable(&'static str),
+    /// PostgreSQL refuses the task's data: `invalid_payload`.
+    Unstorable,
+}
+
+impl Refusal {
+    fn reply(&self, task_id: &TaskId) -> Reply {
+        let (code, message) = match self {
+            Refusal::Unavailable(what) => (
+                ErrorCode::Unavailable,
+                format!("{what}; the task was NOT accepted, retry later"),
+            ),
+            Refusal::Unstorable => (
+                ErrorCode::InvalidPayload,
+                "the task's data cannot be stored; the task was NOT accepted".to_owned(),
+            ),
+        };
+        Reply::error(code, message, Some(task_id.to_string()))
+    }
+}
 
 pub(crate) fn report_from_record(task_id: &TaskId, record: TaskRecord) -> TaskReport {
     TaskReport {

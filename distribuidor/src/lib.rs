@@ -89,6 +89,7 @@ impl Distribuidor {
                 .iter()
                 .cloned()
                 .collect::<HashSet<_>>(),
+            payload_limits: config.limits.payloads(),
         });
         Ok(Distribuidor {
             shared,

@@ -374,3 +374,74 @@ pub fn binary(name: &str) -> std::path::PathBuf {
     );
     path
 }
+
+/// A distribuidor running as its own process (the built binary), with its
+/// log in a file, for tests that read what it logs.
+pub struct DistribuidorProcess {
+    pub addr: String,
+    /// Everything it wrote to stderr.
+    pub log: std::path::PathBuf,
+    child: tokio::process::Child,
+}
+
+impl DistribuidorProcess {
+    /// Starts `target/debug/distribuidor` on `queue` with `env` on top of
+    /// the defaults, and waits until it is ready (RabbitMQ and PostgreSQL up).
+    pub async fn start(queue: &str, env: &[(&str, &str)]) -> DistribuidorProcess {
+        let addr = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+            probe.local_addr().expect("addr").to_string()
+        };
+        let log = std::env::temp_dir().join(format!("{queue}-distribuidor.log"));
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = tokio::process::Command::new(binary("distribuidor"))
+            .env("TAREAS_QUEUE", queue)
+            .env("DISTRIBUIDOR_ADDR", &addr)
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(file)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the distribuidor binary");
+        let process = DistribuidorProcess { addr, log, child };
+        let deadline = tokio::time::Instant::now() + LIMIT;
+        loop {
+            if let Ok(mut client) = Client::connect(&process.addr).await {
+                client.send(&Request::Health).await.expect("send");
+                if let Ok(Reply::Health { ready: true, .. }) = client.recv_within(LIMIT).await {
+                    return process;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the distribuidor process never became ready; see {}",
+                process.log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.addr)
+            .await
+            .expect("connect to the distribuidor")
+    }
+
+    /// What it has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).expect("read the distribuidor's log")
+    }
+
+    /// Stops it the way compose does (SIGTERM) and waits for it to exit.
+    pub async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        let _ = tokio::time::timeout(LIMIT, self.child.wait()).await;
+        let _ = std::fs::remove_file(&self.log);
+    }
+}

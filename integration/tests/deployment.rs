@@ -109,6 +109,8 @@ fn local_values(queue: &str, addr: &str) -> BTreeMap<&'static str, String> {
         "TAREAS_MAX_WAITING_RESULTS",
         "TAREAS_IDLE_TIMEOUT_SECS",
         "TAREAS_DB_POOL_SIZE",
+        "TAREAS_MAX_TEXT_BYTES",
+        "TAREAS_MAX_SUM_NUMBERS",
         "WORKER_PREFETCH",
         "TAREAS_TASK_TIME_LIMIT_SECS",
         "TAREAS_TASK_TIME_LIMITS",

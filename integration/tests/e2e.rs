@@ -6,6 +6,7 @@
 mod bad_input;
 mod bench_smoke;
 mod deployment;
+mod hostile;
 mod limits;
 mod operator;
 mod pipeline;

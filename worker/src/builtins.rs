@@ -76,7 +76,8 @@ fn payload<T: serde::de::DeserializeOwned>(
     task_type: &str,
     payload: &Value,
 ) -> Result<T, TaskError> {
-    builtin::validate(task_type, payload).map_err(|err| TaskError::permanent(err.to_string()))?;
+    builtin::validate(task_type, payload, &builtin::PayloadLimits::NONE)
+        .map_err(|err| TaskError::permanent(err.to_string()))?;
     builtin::parse(task_type, payload).map_err(|err| TaskError::permanent(err.to_string()))
 }
 

@@ -25,7 +25,7 @@ use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions, Bas
 use lapin::{BasicProperties, Channel};
 use tareas_common::amqp::{self, Envelope, PublishError};
 use tareas_common::backoff::{random_fraction, retry_until_ok, Dependency, POSTGRES, S3};
-use tareas_common::db::{Claim, Finish, TaskRow};
+use tareas_common::db::{Claim, DbError, Finish, TaskRow};
 use tareas_common::task::{TaskMessage, TaskReport, TaskState};
 use tokio::sync::SemaphorePermit;
 use tokio_util::sync::CancellationToken;
@@ -50,11 +50,19 @@ enum Handled {
     Abandoned,
     /// Shutdown came before a run slot did: hand it back, nothing to undo.
     NotStarted,
+    /// PostgreSQL refuses this task's data (say, a NUL in its payload): no
+    /// retry can store it, so it goes to the dead-letter queue, with why.
+    Unstorable(String),
 }
 
-/// A step gave up: shutdown passed its limit, or the connection was lost,
-/// while a store was down. The delivery is handed back.
-struct Abandoned;
+/// Why a step did not finish.
+enum Stopped {
+    /// Shutdown passed its limit, or the connection was lost, while a store
+    /// was down: the delivery is handed back.
+    Abandoned,
+    /// PostgreSQL refused the row's data; see [`Handled::Unstorable`].
+    Unstorable(String),
+}
 
 /// What running a claimed task led to.
 enum Ran {
@@ -94,7 +102,8 @@ pub async fn process(ctx: Arc<Context>, channels: Channels, delivery: Delivery, 
     async move {
         let handled = match handle(&ctx, &task, delivery.redelivered, &stop).await {
             Ok(handled) => handled,
-            Err(Abandoned) => Handled::Abandoned,
+            Err(Stopped::Abandoned) => Handled::Abandoned,
+            Err(Stopped::Unstorable(why)) => Handled::Unstorable(why),
         };
         let settled = tokio::time::timeout(
             AMQP_TIMEOUT,
@@ -157,6 +166,10 @@ async fn settle(
             tracing::debug!("shutting down; handing back a task that had not started");
             delivery.nack(requeue()).await
         }
+        Handled::Unstorable(why) => {
+            tracing::error!(cause = %why, "PostgreSQL refuses this task's data; message moved to the dead-letter queue");
+            delivery.reject(BasicRejectOptions { requeue: false }).await
+        }
     }
 }
 
@@ -166,23 +179,20 @@ async fn handle(
     task: &TaskMessage,
     redelivered: bool,
     stop: &Stop,
-) -> Result<Handled, Abandoned> {
+) -> Result<Handled, Stopped> {
     let abandon = &stop.abandon;
     let Some(slot) = run_slot(ctx, stop).await else {
         return Ok(Handled::NotStarted);
     };
     let started = Instant::now();
-    let claim = persist(&POSTGRES, abandon, || {
-        ctx.db.claim(task, &ctx.worker_id, redelivered)
-    })
-    .await?;
+    let claim = persist_row(abandon, || ctx.db.claim(task, &ctx.worker_id, redelivered)).await?;
     let (row, dead_letter) = match claim {
         Claim::RunningElsewhere => return Ok(Handled::Duplicate),
         Claim::Finished => {
             // Finished before (a redelivery): store and report what is recorded.
             drop(slot);
-            let row = persist(&POSTGRES, abandon, || ctx.db.row(task.task_id.as_str())).await?;
-            (row.ok_or(Abandoned)?, false)
+            let row = persist_row(abandon, || ctx.db.row(task.task_id.as_str())).await?;
+            (row.ok_or(Stopped::Abandoned)?, false)
         }
         Claim::Started { attempt } => {
             tracing::Span::current().record("attempt", attempt);
@@ -200,7 +210,8 @@ async fn handle(
     persist(&S3, abandon, || {
         ctx.s3.put_result(task.task_id.as_str(), document.clone())
     })
-    .await?;
+    .await
+    .ok_or(Stopped::Abandoned)?;
     tracing::debug!(
         until_postgres_ms = recorded.as_secs_f64() * 1e3,
         s3_ms = (started.elapsed() - recorded).as_secs_f64() * 1e3,
@@ -231,7 +242,7 @@ async fn run(
     attempt: u32,
     slot: SemaphorePermit<'_>,
     abandon: &CancellationToken,
-) -> Result<Ran, Abandoned> {
+) -> Result<Ran, Stopped> {
     if attempt > ctx.retry.max_attempts {
         return Ok(Ran::Done {
             outcome: gave_up(attempt - 1),
@@ -240,7 +251,7 @@ async fn run(
     }
     let limit = ctx.time_limits.for_type(&task.task_type);
     let outcome = tokio::select! {
-        () = abandon.cancelled() => return Err(Abandoned),
+        () = abandon.cancelled() => return Err(Stopped::Abandoned),
         outcome = executor::execute(&ctx.registry, task, limit) => outcome,
     };
     drop(slot);
@@ -270,7 +281,7 @@ async fn run(
     }
     tracing::info!(%error, "task failed; will retry");
     let task_id = task.task_id.as_str();
-    persist(&POSTGRES, abandon, || {
+    persist_row(abandon, || {
         ctx.db.retry_later(task_id, &ctx.worker_id, &error)
     })
     .await?;
@@ -280,13 +291,14 @@ async fn run(
 }
 
 /// Records how the task ended; returns its row as PostgreSQL holds it (the
-/// first finish wins, so a rerun gets the first outcome back).
+/// first finish wins, so a rerun gets the first outcome back). A result
+/// PostgreSQL refuses (a NUL from a custom handler) is recorded as a failure.
 async fn record(
     ctx: &Context,
     task: &TaskMessage,
     outcome: Outcome,
     abandon: &CancellationToken,
-) -> Result<TaskRow, Abandoned> {
+) -> Result<TaskRow, Stopped> {
     let finish = Finish {
         task_id: task.task_id.to_string(),
         state: outcome.state,
@@ -295,24 +307,59 @@ async fn record(
         worker_id: ctx.worker_id.clone(),
         duration_ms: u64::try_from(outcome.duration.as_millis()).unwrap_or(u64::MAX),
     };
-    persist(&POSTGRES, abandon, || ctx.db.finish(finish.clone())).await
+    match persist_row(abandon, || ctx.db.finish(finish.clone())).await {
+        Err(Stopped::Unstorable(cause)) => {
+            tracing::warn!(%cause, "PostgreSQL refuses the task's result; recording a failure");
+            let failed = Finish {
+                state: TaskState::Failed,
+                result: None,
+                error: Some("the task's result cannot be stored (a NUL character?)".into()),
+                ..finish
+            };
+            persist_row(abandon, || ctx.db.finish(failed.clone())).await
+        }
+        recorded => recorded,
+    }
 }
 
-/// A step against `dependency` (PostgreSQL or S3), retried with backoff
-/// until it succeeds or `abandon`.
+/// A PostgreSQL step on this task's row, retried with backoff while
+/// PostgreSQL is away. A data error is this row's own and permanent:
+/// retrying cannot help, so it stops the delivery.
+async fn persist_row<T, F, Fut>(abandon: &CancellationToken, mut step: F) -> Result<T, Stopped>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, DbError>>,
+{
+    let outcome = persist(&POSTGRES, abandon, || {
+        let attempt = step();
+        async move {
+            match attempt.await {
+                Ok(value) => Ok(Ok(value)),
+                Err(err) if err.is_data_error() => Ok(Err(err)),
+                Err(err) => Err(err),
+            }
+        }
+    });
+    match outcome.await {
+        None => Err(Stopped::Abandoned),
+        Some(Ok(value)) => Ok(value),
+        Some(Err(err)) => Err(Stopped::Unstorable(err.to_string())),
+    }
+}
+
+/// A step against `dependency`, retried with backoff until it succeeds;
+/// `None` once `abandon` fires.
 async fn persist<T, E, F, Fut>(
     dependency: &Dependency,
     abandon: &CancellationToken,
     step: F,
-) -> Result<T, Abandoned>
+) -> Option<T>
 where
     E: std::fmt::Display,
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, E>>,
 {
-    retry_until_ok(dependency, abandon, step)
-        .await
-        .ok_or(Abandoned)
+    retry_until_ok(dependency, abandon, step).await
 }
 
 fn requeue() -> BasicNackOptions {

@@ -26,13 +26,15 @@ impl<Req, Resp> Clone for Batcher<Req, Resp> {
     }
 }
 
-impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
+impl<Req: Clone + Send + Sync + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
     /// Starts the writer: at most `max_batch` calls per statement, at most
     /// `parallel` statements at once. `flush` must answer every request of
-    /// a batch, in order, or fail the whole batch.
+    /// a batch, in order, or fail the whole batch. A batch that fails on a
+    /// data error (one row's data, not the database) is written again one
+    /// call at a time, so that only the guilty call fails.
     pub fn spawn<F, Fut>(max_batch: usize, parallel: usize, flush: F) -> Self
     where
-        F: Fn(Vec<Req>) -> Fut + Send + Sync + 'static,
+        F: Fn(Arc<[Req]>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Vec<Result<Resp, DbError>>, DbError>> + Send + 'static,
     {
         let (calls, mut incoming) =
@@ -57,23 +59,7 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
                 }
                 let flush = flush.clone();
                 tokio::spawn(async move {
-                    let (requests, waiters): (Vec<Req>, Vec<Waiter<Resp>>) =
-                        batch.into_iter().unzip();
-                    match flush(requests).await {
-                        Ok(answers) => {
-                            for (waiter, answer) in waiters.into_iter().zip(answers) {
-                                let _ = waiter.send(answer);
-                            }
-                        }
-                        Err(err) => {
-                            // Every call of the batch gets the same cause,
-                            // kept whole (not flattened to a string).
-                            let cause = Arc::new(err);
-                            for waiter in waiters {
-                                let _ = waiter.send(Err(DbError::Batch(cause.clone())));
-                            }
-                        }
-                    }
+                    write(&*flush, batch).await;
                     drop(slot);
                 });
             }
@@ -92,6 +78,42 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
     }
 }
 
+/// Writes one batch and answers each of its calls.
+async fn write<Req, Resp, F, Fut>(flush: &F, batch: Vec<(Req, Waiter<Resp>)>)
+where
+    Req: Clone,
+    F: Fn(Arc<[Req]>) -> Fut,
+    Fut: Future<Output = Result<Vec<Result<Resp, DbError>>, DbError>>,
+{
+    let (requests, waiters): (Vec<Req>, Vec<Waiter<Resp>>) = batch.into_iter().unzip();
+    let requests: Arc<[Req]> = requests.into();
+    match flush(requests.clone()).await {
+        Ok(answers) => {
+            for (waiter, answer) in waiters.into_iter().zip(answers) {
+                let _ = waiter.send(answer);
+            }
+        }
+        Err(err) if err.is_data_error() && requests.len() > 1 => {
+            for (request, waiter) in requests.iter().zip(waiters) {
+                let single: Arc<[Req]> = Arc::from(vec![request.clone()]);
+                let answer = match flush(single).await {
+                    Ok(mut answers) => answers.pop().unwrap_or(Err(DbError::BatchWriterGone)),
+                    Err(err) => Err(err),
+                };
+                let _ = waiter.send(answer);
+            }
+        }
+        Err(err) => {
+            // Every call of the batch gets the same cause, kept whole (not
+            // flattened to a string): a pool timeout stays a pool timeout.
+            let cause = Arc::new(err);
+            for waiter in waiters {
+                let _ = waiter.send(Err(DbError::Batch(cause.clone())));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
@@ -103,11 +125,11 @@ mod tests {
     async fn concurrent_calls_share_batches_and_get_their_own_answers() {
         let sizes: Arc<Mutex<Vec<usize>>> = Arc::default();
         let seen = sizes.clone();
-        let batcher = Batcher::spawn(16, 1, move |requests: Vec<u32>| {
+        let batcher = Batcher::spawn(16, 1, move |requests: Arc<[u32]>| {
             seen.lock().unwrap().push(requests.len());
             async move {
                 tokio::time::sleep(Duration::from_millis(5)).await;
-                Ok(requests.into_iter().map(|n| Ok(n * 2)).collect())
+                Ok(requests.iter().map(|n| Ok(n * 2)).collect())
             }
         });
         let calls: Vec<_> = (0..100u32)
@@ -135,6 +157,35 @@ mod tests {
             Batcher::spawn(8, 1, |_| async { Err(DbError::Config("disk full".into())) });
         let err = batcher.call(1).await.unwrap_err();
         assert!(err.to_string().contains("disk full"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_data_error_fails_only_the_guilty_call() {
+        let batcher = Batcher::spawn(64, 1, |requests: Arc<[u32]>| async move {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            if requests.contains(&13) {
+                return Err(DbError::Corrupt {
+                    task_id: "13".into(),
+                    state: "bad".into(),
+                });
+            }
+            Ok(requests.iter().map(|n| Ok(n + 1)).collect())
+        });
+        let calls: Vec<_> = (0..50u32)
+            .map(|n| {
+                let batcher = batcher.clone();
+                tokio::spawn(async move { (n, batcher.call(n).await) })
+            })
+            .collect();
+        for (n, answer) in futures_join(calls.into_iter()).await {
+            match answer {
+                Ok(value) => assert_eq!(value, n + 1),
+                Err(err) => {
+                    assert_eq!(n, 13, "only the guilty call fails: {err}");
+                    assert!(err.is_data_error());
+                }
+            }
+        }
     }
 
     #[tokio::test]

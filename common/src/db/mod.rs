@@ -76,6 +76,20 @@ impl DbError {
             other => other,
         }
     }
+
+    /// Whether PostgreSQL refused the data of a row (SQLSTATE class 22,
+    /// data exception, or 23, integrity constraint violation), as opposed to
+    /// being away: retrying the same row cannot help, and other rows of
+    /// the same batch are not at fault.
+    pub fn is_data_error(&self) -> bool {
+        match self.root() {
+            DbError::Query(err) => err
+                .code()
+                .is_some_and(|state| matches!(&state.code()[..2], "22" | "23")),
+            DbError::Corrupt { .. } | DbError::Unreadable { .. } | DbError::NoRow { .. } => true,
+            _ => false,
+        }
+    }
 }
 
 /// A pool of PostgreSQL connections and the batch writers on it; cheap to clone.

@@ -1,6 +1,8 @@
 //! The worker's statements: claim a delivered task (batched), give it back
 //! or schedule its retry, record how it ended (batched), read its row.
 
+use std::sync::Arc;
+
 use deadpool_postgres::Pool;
 use serde_json::Value;
 
@@ -32,6 +34,7 @@ pub struct Finish {
 }
 
 /// A claim, as the batch writer takes it.
+#[derive(Clone)]
 pub(super) struct ClaimCall {
     task: TaskMessage,
     worker_id: String,
@@ -129,7 +132,7 @@ impl Db {
 /// repeated within the batch are looked up.
 pub(super) async fn claim_batch(
     pool: Pool,
-    calls: Vec<ClaimCall>,
+    calls: Arc<[ClaimCall]>,
 ) -> Result<Vec<Result<Claim, DbError>>, DbError> {
     let client = pool.get().await?;
     let mut answers: Vec<Option<Claim>> = calls.iter().map(|_| None).collect();
@@ -224,7 +227,7 @@ async fn claim_group(
 /// One statement for many finishes; rows finished before are read back.
 pub(super) async fn finish_batch(
     pool: Pool,
-    finishes: Vec<Finish>,
+    finishes: Arc<[Finish]>,
 ) -> Result<Vec<Result<TaskRow, DbError>>, DbError> {
     let client = pool.get().await?;
     let ids: Vec<&str> = finishes.iter().map(|f| f.task_id.as_str()).collect();

@@ -2,6 +2,7 @@
 //! renew it around its publish, answer status.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use deadpool_postgres::Pool;
 use serde_json::Value;
@@ -92,7 +93,7 @@ impl Db {
 /// One statement for many submissions; ids already known are looked up.
 pub(super) async fn insert_queued_batch(
     pool: Pool,
-    tasks: Vec<TaskMessage>,
+    tasks: Arc<[TaskMessage]>,
 ) -> Result<Vec<Result<Submission, DbError>>, DbError> {
     let client = pool.get().await?;
     let ids: Vec<&str> = tasks.iter().map(|t| t.task_id.as_str()).collect();
@@ -161,6 +162,30 @@ mod tests {
         assert_eq!(status.map(|r| r.state), Some(TaskState::Queued));
         let records = db.records(&[task.task_id.as_str(), "never-seen"]).await;
         assert_eq!(records.expect("records").len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_row_postgresql_refuses_fails_alone_in_its_batch() {
+        let db = test_db().await;
+        let mut tasks: Vec<TaskMessage> = (0..40).map(|_| test_task("echo")).collect();
+        tasks[17].payload = serde_json::json!({"text": "a\u{0}b"});
+        let calls = tasks.iter().map(|task| {
+            let (db, task) = (db.clone(), task.clone());
+            tokio::spawn(async move { db.insert_queued(&task).await })
+        });
+        let answers: Vec<_> = futures::future::join_all(calls).await;
+        for (i, answer) in answers.into_iter().enumerate() {
+            match answer.expect("task") {
+                Ok(submission) => {
+                    assert_ne!(i, 17, "jsonb takes no NUL");
+                    assert!(matches!(submission, Submission::New(_)));
+                }
+                Err(err) => {
+                    assert_eq!(i, 17, "only the NUL row fails: {err}");
+                    assert!(err.is_data_error(), "{err:?}");
+                }
+            }
+        }
     }
 
     #[tokio::test]
