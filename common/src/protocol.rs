@@ -114,6 +114,11 @@ pub enum ErrorCode {
     TooManyConnections,
     /// The connection was idle for too long; it is closed.
     IdleTimeout,
+    /// A message took too long to arrive once started; the connection is closed.
+    RequestTimeout,
+    /// The client does not read its replies fast enough (output limit or
+    /// write deadline); the connection is closed, results stay available by `status`.
+    SlowConsumer,
 }
 
 impl ErrorCode {
@@ -127,6 +132,8 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::TooManyConnections => "too_many_connections",
             ErrorCode::IdleTimeout => "idle_timeout",
+            ErrorCode::RequestTimeout => "request_timeout",
+            ErrorCode::SlowConsumer => "slow_consumer",
         }
     }
 }

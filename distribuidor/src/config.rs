@@ -46,8 +46,21 @@ pub struct Limits {
     #[arg(long, env = "TAREAS_MAX_WAITING_RESULTS", default_value_t = 10_000)]
     pub max_waiting_results: usize,
     /// Seconds a connection may stay silent, with nothing outstanding, before it is closed.
+    /// Whitespace alone is not activity.
     #[arg(long, env = "TAREAS_IDLE_TIMEOUT_SECS", default_value_t = 300)]
     pub idle_timeout_secs: u64,
+    /// Seconds a message may take to arrive once its first byte has; past
+    /// it `request_timeout` and close (a client trickling bytes holds no slot).
+    #[arg(long, env = "TAREAS_MESSAGE_TIMEOUT_SECS", default_value_t = 30)]
+    pub message_timeout_secs: u64,
+    /// Bytes of results one connection may have queued and unwritten; past
+    /// it `slow_consumer` and close (its results stay available by `status`).
+    #[arg(long, env = "TAREAS_MAX_CONNECTION_OUTPUT_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_output_bytes: usize,
+    /// Seconds one write to a client may take; past it the client is a slow
+    /// consumer and the connection closes (also while shutting down).
+    #[arg(long, env = "TAREAS_WRITE_TIMEOUT_SECS", default_value_t = 30)]
+    pub write_timeout_secs: u64,
     /// Seconds to let connections finish their in-progress requests after SIGTERM.
     #[arg(long, env = "TAREAS_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
     pub shutdown_timeout_secs: u64,

@@ -1,6 +1,13 @@
 //! Serves one client: reads framed requests, handles up to `max_in_flight`
 //! of them at once, writes their replies in request order, and pushes the
 //! results of the client's tasks as they arrive (never before their ack).
+//!
+//! Every bound is per connection and in bytes or time: a read buffer only
+//! while bytes arrive (an idle connection holds none), one message of at
+//! most `max_message_bytes` that must arrive within `message_timeout_secs`,
+//! queued results within `max_output_bytes`, and each write within
+//! `write_timeout_secs`. A client past one gets an error reply where it can
+//! still be written, and the connection closes.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -8,27 +15,29 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use futures::stream::{FuturesOrdered, StreamExt};
 use tareas_common::protocol::{ErrorCode, Reply, Request};
-use tareas_common::task::{TaskId, TaskReport};
-use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
+use tareas_common::task::TaskId;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
-use tokio_util::codec::{Decoder, FramedRead};
+use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Limits;
 use crate::framing::{Frame, Framer};
 use crate::intake::{Handled, Shared};
-use crate::router::ConnectionId;
+use crate::router::{result_queue, Budget, ConnectionId, Pushed, ResultSender};
 
-/// Results waiting to be written to one client; beyond this, pushes are dropped.
-const RESULT_QUEUE: usize = 1024;
+/// Room made for one read.
+const READ_CHUNK: usize = 8 * 1024;
 
-/// The read buffer's first size; it grows to one message at most.
-const READ_BUFFER: usize = 8 * 1024;
+/// How long a closing connection keeps reading (and discarding) what the
+/// client still sends, so that its error line is not lost to a reset.
+const LINGER: Duration = Duration::from_secs(1);
 
 type Pending = Pin<Box<dyn Future<Output = Handled> + Send>>;
 
@@ -42,10 +51,8 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let (reader, writer) = stream.into_split();
-    let framer = Framer::new(limits.max_message_bytes);
-    let mut frames = FramedRead::with_capacity(reader, framer, READ_BUFFER);
-    let mut client = Client::new(id, shared, limits, writer);
-    let outcome = client.run(&mut frames, &shutdown).await;
+    let mut client = Client::new(id, shared, limits, reader, writer);
+    let outcome = client.run(&shutdown).await;
     client.close().await;
     outcome
 }
@@ -58,21 +65,31 @@ struct Client {
     /// What every connection shares: database, broker, router.
     shared: Arc<Shared>,
     limits: Limits,
+    reader: OwnedReadHalf,
+    /// Bytes read and not framed yet; empty (no allocation) between messages.
+    buffer: BytesMut,
+    framer: Framer,
     writer: BufWriter<OwnedWriteHalf>,
     /// Given to the router with each subscription; results arrive on `results`.
-    results_tx: mpsc::Sender<TaskReport>,
-    results: mpsc::Receiver<TaskReport>,
+    results_tx: ResultSender,
+    results: mpsc::UnboundedReceiver<Pushed>,
+    /// The bytes of results queued for this client, within its limit.
+    budget: Arc<Budget>,
     /// Acked tasks whose result this connection waits for.
     subscribed: HashSet<TaskId>,
     /// Task requests whose ack is not written yet, and results that beat their ack.
-    unacked: HashMap<TaskId, Option<TaskReport>>,
+    unacked: HashMap<TaskId, Option<Bytes>>,
     /// Requests in progress; they finish in any order, replies leave in order.
     pending: FuturesOrdered<Pending>,
     /// Still taking requests: false after end of stream, a too-large
     /// message, or shutdown.
     reading: bool,
     /// When a silent connection with nothing outstanding is closed.
-    deadline: Instant,
+    idle_deadline: Instant,
+    /// When the message being received must be complete.
+    message_deadline: Option<Instant>,
+    /// The connection ends on an error reply: linger for the client to read it.
+    closing_on_error: bool,
 }
 
 /// What woke the connection up.
@@ -80,10 +97,13 @@ enum Event {
     /// A request finished: write its replies.
     Handled(Handled),
     /// A result for one of this connection's tasks.
-    Result(TaskReport),
-    /// A frame read, the end of the stream (`None`), or a read error.
-    Frame(Option<std::io::Result<Frame>>),
+    Result(Pushed),
+    /// Bytes can be read (or the stream ended, or failed).
+    Readable(std::io::Result<()>),
+    /// A result did not fit in the output budget.
+    Overflow,
     IdleTimeout,
+    MessageTimeout,
     Shutdown,
 }
 
@@ -92,81 +112,147 @@ impl Client {
         id: ConnectionId,
         shared: Arc<Shared>,
         limits: Limits,
+        reader: OwnedReadHalf,
         writer: OwnedWriteHalf,
     ) -> Client {
-        let (results_tx, results) = mpsc::channel(RESULT_QUEUE);
+        let (results_tx, results, budget) = result_queue(limits.max_output_bytes);
         Client {
             id,
             shared,
+            reader,
+            buffer: BytesMut::new(),
+            framer: Framer::new(limits.max_message_bytes),
             writer: BufWriter::new(writer),
             results_tx,
             results,
+            budget,
             subscribed: HashSet::new(),
             unacked: HashMap::new(),
             pending: FuturesOrdered::new(),
             reading: true,
-            deadline: Instant::now() + Duration::from_secs(limits.idle_timeout_secs),
+            idle_deadline: Instant::now() + secs(limits.idle_timeout_secs),
+            message_deadline: None,
+            closing_on_error: false,
             limits,
         }
     }
 
     /// Handles events until there is nothing left to read or to answer.
-    async fn run(
-        &mut self,
-        frames: &mut FramedRead<OwnedReadHalf, Framer>,
-        shutdown: &CancellationToken,
-    ) -> std::io::Result<()> {
-        while self.reading || !self.pending.is_empty() {
-            match self.next_event(frames, shutdown).await {
-                Event::Handled(handled) => self.write_handled(handled).await?,
-                Event::Result(report) => self.push_result(report).await?,
-                Event::Frame(Some(frame)) => {
-                    self.deadline = Instant::now() + self.idle_timeout();
-                    self.start(frame?);
-                    self.start_buffered(frames)?;
+    async fn run(&mut self, shutdown: &CancellationToken) -> std::io::Result<()> {
+        loop {
+            self.start_buffered()?;
+            if !self.reading && self.pending.is_empty() {
+                return Ok(());
+            }
+            let written = match self.next_event(shutdown).await {
+                Event::Handled(handled) => self.write_handled(handled).await,
+                Event::Result(pushed) => self.push_result(pushed).await,
+                Event::Readable(ready) => self.read(ready),
+                Event::Overflow => {
+                    let message = "results waited for this connection past its output limit \
+                                   (TAREAS_MAX_CONNECTION_OUTPUT_BYTES); read your replies; \
+                                   fetch the missing results with `status`";
+                    return self.close_with(ErrorCode::SlowConsumer, message).await;
                 }
-                Event::Frame(None) | Event::Shutdown => self.reading = false,
-                Event::IdleTimeout => return self.idle_out().await,
+                Event::IdleTimeout => {
+                    let message = format!(
+                        "no request for {}s; the connection is closed, reconnect to continue",
+                        self.limits.idle_timeout_secs
+                    );
+                    return self.close_with(ErrorCode::IdleTimeout, &message).await;
+                }
+                Event::MessageTimeout => {
+                    let message = format!(
+                        "a message took over {}s to arrive (TAREAS_MESSAGE_TIMEOUT_SECS); the connection is closed",
+                        self.limits.message_timeout_secs
+                    );
+                    return self.close_with(ErrorCode::RequestTimeout, &message).await;
+                }
+                Event::Shutdown => {
+                    self.reading = false;
+                    Ok(())
+                }
+            };
+            match written {
+                Err(err) if err.kind() == std::io::ErrorKind::TimedOut => {
+                    let message = "a write to this connection did not finish within \
+                                   TAREAS_WRITE_TIMEOUT_SECS; read your replies; fetch the \
+                                   missing results with `status`";
+                    return self.close_with(ErrorCode::SlowConsumer, message).await;
+                }
+                written => written?,
             }
         }
-        Ok(())
     }
 
-    async fn next_event(
-        &mut self,
-        frames: &mut FramedRead<OwnedReadHalf, Framer>,
-        shutdown: &CancellationToken,
-    ) -> Event {
+    async fn next_event(&mut self, shutdown: &CancellationToken) -> Event {
         // Read only with room for more: backpressure, not buffering.
         let read = self.reading && self.has_room();
         let idle = self.reading && self.pending.is_empty() && self.subscribed.is_empty();
+        let message_deadline = self.message_deadline;
+        let budget = self.budget.clone();
         tokio::select! {
             Some(handled) = self.pending.next(), if !self.pending.is_empty() => Event::Handled(handled),
-            Some(report) = self.results.recv() => Event::Result(report),
-            frame = frames.next(), if read => Event::Frame(frame),
-            () = sleep_until(self.deadline), if idle => Event::IdleTimeout,
+            Some(pushed) = self.results.recv() => Event::Result(pushed),
+            ready = self.reader.readable(), if read => Event::Readable(ready),
+            () = budget.overflowed() => Event::Overflow,
+            () = sleep_until(self.idle_deadline), if idle => Event::IdleTimeout,
+            () = sleep_until(message_deadline.unwrap_or_else(Instant::now)),
+                if self.reading && message_deadline.is_some() => Event::MessageTimeout,
             () = shutdown.cancelled(), if self.reading => Event::Shutdown,
         }
     }
 
-    /// Starts the requests already read, while there is room, without a
-    /// trip through the event loop for each: a pipelining client's frames
-    /// arrive many to a read.
-    fn start_buffered(
-        &mut self,
-        frames: &mut FramedRead<OwnedReadHalf, Framer>,
-    ) -> std::io::Result<()> {
+    /// Reads what is there and starts the requests it completes. Only bytes
+    /// of a message count as activity: whitespace keeps nobody alive.
+    fn read(&mut self, ready: std::io::Result<()>) -> std::io::Result<()> {
+        ready?;
+        if self.buffer.capacity() - self.buffer.len() < READ_CHUNK / 2 {
+            self.buffer.reserve(READ_CHUNK);
+        }
+        let read = match self.reader.try_read_buf(&mut self.buffer) {
+            Ok(read) => read,
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+            Err(err) => return Err(err),
+        };
+        if read == 0 {
+            self.reading = false;
+            if let Some(frame) = self.framer.decode_eof(&mut self.buffer)? {
+                self.start(frame);
+            }
+            return Ok(());
+        }
+        let started = self.start_buffered()?;
+        let now = Instant::now();
+        let in_message = self.framer.pending_len(&self.buffer) > 0;
+        if started > 0 || in_message {
+            self.idle_deadline = now + secs(self.limits.idle_timeout_secs);
+        }
+        self.message_deadline = match (in_message, started, self.message_deadline) {
+            (false, _, _) => None,
+            (true, 0, Some(deadline)) => Some(deadline),
+            (true, _, _) => Some(now + secs(self.limits.message_timeout_secs)),
+        };
+        Ok(())
+    }
+
+    /// Starts the requests already read, while there is room; returns how many.
+    fn start_buffered(&mut self) -> std::io::Result<usize> {
+        let mut started = 0;
         while self.reading && self.has_room() {
-            // The decoder and its buffer are two borrows of `frames`.
-            let mut buffer = std::mem::take(frames.read_buffer_mut());
-            let frame = frames.decoder_mut().decode(&mut buffer);
-            *frames.read_buffer_mut() = buffer;
-            match frame? {
-                Some(frame) => self.start(frame),
+            match self.framer.decode(&mut self.buffer)? {
+                Some(frame) => {
+                    self.start(frame);
+                    started += 1;
+                }
                 None => break,
             }
         }
-        Ok(())
+        if self.buffer.is_empty() && self.buffer.capacity() > 0 {
+            // Between messages a connection holds no read buffer.
+            self.buffer = BytesMut::new();
+        }
+        Ok(started)
     }
 
     /// Few enough requests in progress, and few enough tasks waiting for
@@ -174,10 +260,6 @@ impl Client {
     fn has_room(&self) -> bool {
         self.pending.len() < self.limits.max_in_flight
             && self.subscribed.len() + self.unacked.len() < self.limits.max_waiting_results
-    }
-
-    fn idle_timeout(&self) -> Duration {
-        Duration::from_secs(self.limits.idle_timeout_secs)
     }
 
     /// Starts handling one frame; its replies are written when it is done.
@@ -197,6 +279,7 @@ impl Client {
             )),
             Frame::TooLarge => {
                 self.reading = false;
+                self.closing_on_error = true;
                 ready(Reply::error(
                     ErrorCode::TooLarge,
                     format!(
@@ -211,24 +294,24 @@ impl Client {
     }
 
     /// A result arrived: held until its task's ack is written, else pushed.
-    async fn push_result(&mut self, report: TaskReport) -> std::io::Result<()> {
-        if let Some(slot) = self.unacked.get_mut(&report.task_id) {
-            *slot = Some(report);
+    async fn push_result(&mut self, pushed: Pushed) -> std::io::Result<()> {
+        if let Some(slot) = self.unacked.get_mut(&pushed.task_id) {
+            *slot = Some(pushed.line);
             return Ok(());
         }
-        self.subscribed.remove(&report.task_id);
+        self.subscribed.remove(&pushed.task_id);
         if self.subscribed.capacity() > 1024
             && self.subscribed.len() < self.subscribed.capacity() / 4
         {
             self.subscribed.shrink_to(self.subscribed.len() * 2);
         }
-        write_reply(&mut self.writer, &Reply::Result(report)).await
+        self.write_result(&pushed.line).await
     }
 
     /// Writes a request's replies, then any result that arrived before its ack.
     async fn write_handled(&mut self, handled: Handled) -> std::io::Result<()> {
         for reply in &handled.replies {
-            write_reply(&mut self.writer, reply).await?;
+            self.write(&reply.to_line()).await?;
         }
         // Settle the bookkeeping of the task this request was about.
         let about = handled.replies.iter().find_map(|reply| match reply {
@@ -242,7 +325,7 @@ impl Client {
         let early = about.and_then(|task_id| self.unacked.remove(&task_id).flatten());
         if let Some(task_id) = handled.subscribed {
             match early {
-                Some(report) => write_reply(&mut self.writer, &Reply::Result(report)).await?,
+                Some(line) => self.write_result(&line).await?,
                 None => {
                     self.subscribed.insert(task_id);
                 }
@@ -251,26 +334,67 @@ impl Client {
         Ok(())
     }
 
-    /// Says why the connection closes after a silence.
-    async fn idle_out(&mut self) -> std::io::Result<()> {
-        let reply = Reply::error(
-            ErrorCode::IdleTimeout,
-            format!(
-                "no request for {}s; the connection is closed, reconnect to continue",
-                self.limits.idle_timeout_secs
-            ),
-            None,
-        );
-        write_reply(&mut self.writer, &reply).await
+    /// Writes a queued result and gives its bytes back to the budget.
+    async fn write_result(&mut self, line: &Bytes) -> std::io::Result<()> {
+        let written = self.write(line).await;
+        self.budget.release(line.len());
+        written
     }
 
-    /// Leaves the router and closes the write side.
+    /// Writes one line within the write deadline: a client that does not
+    /// read is a slow consumer, and holds nothing longer than that.
+    async fn write(&mut self, line: &[u8]) -> std::io::Result<()> {
+        let limit = secs(self.limits.write_timeout_secs);
+        let writing = async {
+            self.writer.write_all(line).await?;
+            self.writer.flush().await
+        };
+        match tokio::time::timeout(limit, writing).await {
+            Ok(written) => written,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "slow consumer: a write did not finish within TAREAS_WRITE_TIMEOUT_SECS",
+            )),
+        }
+    }
+
+    /// Tells the client why the connection ends, where it can still be
+    /// written (a short deadline: the client may not be reading at all).
+    async fn close_with(&mut self, code: ErrorCode, message: &str) -> std::io::Result<()> {
+        self.reading = false;
+        self.closing_on_error = true;
+        let line = Reply::error(code, message.to_owned(), None).to_line();
+        let _ = tokio::time::timeout(LINGER, async {
+            self.writer.write_all(&line).await?;
+            self.writer.flush().await
+        })
+        .await;
+        Ok(())
+    }
+
+    /// Leaves the router and closes; after an error reply, lingers a moment
+    /// reading what the client still sends, so the reply is not lost to a reset.
     async fn close(mut self) {
         for task_id in self.subscribed.iter().chain(self.unacked.keys()) {
             self.shared.router.unsubscribe(task_id, self.id);
         }
-        let _ = self.writer.shutdown().await;
+        let _ = tokio::time::timeout(LINGER, self.writer.shutdown()).await;
+        if self.closing_on_error {
+            let mut sink = [0u8; 4096];
+            let until = Instant::now() + LINGER;
+            while let Ok(Ok(read)) =
+                tokio::time::timeout_at(until, self.reader.read(&mut sink)).await
+            {
+                if read == 0 {
+                    break;
+                }
+            }
+        }
     }
+}
+
+fn secs(secs: u64) -> Duration {
+    Duration::from_secs(secs)
 }
 
 /// Parses one frame and starts handling it.
@@ -278,8 +402,8 @@ fn start_request(
     bytes: &[u8],
     id: ConnectionId,
     shared: &Arc<Shared>,
-    results: &mpsc::Sender<TaskReport>,
-    unacked: &mut HashMap<TaskId, Option<TaskReport>>,
+    results: &ResultSender,
+    unacked: &mut HashMap<TaskId, Option<Bytes>>,
 ) -> Pending {
     let request = match Request::parse(bytes) {
         Ok(request) => request,
@@ -322,9 +446,4 @@ fn ready(reply: Reply) -> Pending {
         replies: vec![reply],
         subscribed: None,
     }))
-}
-
-async fn write_reply<W: AsyncWrite + Unpin>(writer: &mut W, reply: &Reply) -> std::io::Result<()> {
-    writer.write_all(&reply.to_line()).await?;
-    writer.flush().await
 }

@@ -1,22 +1,113 @@
 //! Routes finished-task reports to the connections waiting for them.
 //!
 //! A connection subscribes to a task before publishing it, so a result can
-//! never arrive before its subscriber. Delivery never blocks: a connection
-//! whose queue of pushes is full misses the push (the result stays
-//! available through a status request), and one slow client cannot hold up
-//! the others.
+//! never arrive before its subscriber. Delivery never blocks: each result
+//! is serialized once, as the line the client receives, and queued for the
+//! connection, which counts the bytes it holds. A push that would take a
+//! connection past its byte budget (`TAREAS_MAX_CONNECTION_OUTPUT_BYTES`)
+//! is not queued: the connection is marked a slow consumer and closes with
+//! `slow_consumer`, so one client that does not read cannot make the
+//! distribuidor hold its results, and none is dropped without a word (every
+//! result stays available through `status`).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
+use tareas_common::protocol::Reply;
 use tareas_common::task::{TaskId, TaskReport};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 /// Identifies one client connection.
 pub type ConnectionId = u64;
 
-/// Where results for one connection go.
-pub type ResultSender = mpsc::Sender<TaskReport>;
+/// A result on its way to one connection: its task, and the line to write.
+#[derive(Debug, Clone)]
+pub struct Pushed {
+    pub task_id: TaskId,
+    pub line: Bytes,
+}
+
+/// Where results for one connection go; cheap to clone.
+#[derive(Clone)]
+pub struct ResultSender {
+    tx: mpsc::UnboundedSender<Pushed>,
+    budget: Arc<Budget>,
+}
+
+/// The bytes one connection holds for its client, and its limit.
+pub struct Budget {
+    /// Bytes of pushed results queued and not yet written.
+    queued: AtomicUsize,
+    max: usize,
+    /// A push did not fit: the connection must close as a slow consumer.
+    overflowed: AtomicBool,
+    overflow: Notify,
+}
+
+impl Budget {
+    /// A result of `bytes` was written (or dropped with the connection).
+    pub fn release(&self, bytes: usize) {
+        self.queued.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    /// Waits until a push did not fit.
+    pub async fn overflowed(&self) {
+        loop {
+            let notified = self.overflow.notified();
+            if self.overflowed.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn take(&self, bytes: usize) -> bool {
+        let before = self.queued.fetch_add(bytes, Ordering::Relaxed);
+        if before + bytes > self.max {
+            self.queued.fetch_sub(bytes, Ordering::Relaxed);
+            self.overflowed.store(true, Ordering::Release);
+            self.overflow.notify_waiters();
+            return false;
+        }
+        true
+    }
+}
+
+/// A connection's end of its result queue: the receiver and its budget.
+pub fn result_queue(
+    max_bytes: usize,
+) -> (ResultSender, mpsc::UnboundedReceiver<Pushed>, Arc<Budget>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let budget = Arc::new(Budget {
+        queued: AtomicUsize::new(0),
+        max: max_bytes,
+        overflowed: AtomicBool::new(false),
+        overflow: Notify::new(),
+    });
+    let sender = ResultSender {
+        tx,
+        budget: budget.clone(),
+    };
+    (sender, rx, budget)
+}
+
+impl ResultSender {
+    /// Queues `pushed` within the budget; `false` if it did not fit (the
+    /// connection is then closing) or the connection is gone.
+    fn push(&self, pushed: Pushed) -> bool {
+        let bytes = pushed.line.len();
+        if !self.budget.take(bytes) {
+            return false;
+        }
+        if self.tx.send(pushed).is_err() {
+            self.budget.release(bytes);
+            return false;
+        }
+        true
+    }
+}
 
 /// task id → the connections that want its result.
 #[derive(Default)]
@@ -60,14 +151,18 @@ impl Router {
         let Some(entry) = entry else {
             return 0;
         };
+        let task_id = report.task_id.clone();
+        let line = Bytes::from(Reply::Result(report).to_line());
         let mut delivered = 0;
         for (connection, sender) in entry {
-            match sender.try_send(report.clone()) {
-                Ok(()) => delivered += 1,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    tracing::warn!(connection, task_id = %report.task_id, "client is not reading its results; push dropped, the result stays available by status");
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            let pushed = Pushed {
+                task_id: task_id.clone(),
+                line: line.clone(),
+            };
+            if sender.push(pushed) {
+                delivered += 1;
+            } else {
+                tracing::debug!(connection, task_id = %task_id, "push over the connection's output budget; it closes as a slow consumer");
             }
         }
         delivered
@@ -125,8 +220,8 @@ mod tests {
     fn delivers_once_to_each_subscriber() {
         let router = Router::new();
         let id = TaskId::generate();
-        let (a, mut a_rx) = mpsc::channel(4);
-        let (b, mut b_rx) = mpsc::channel(4);
+        let (a, mut a_rx, _) = result_queue(1 << 20);
+        let (b, mut b_rx, _) = result_queue(1 << 20);
         router.subscribe(&id, 1, &a);
         router.subscribe(&id, 1, &a);
         router.subscribe(&id, 2, &b);
@@ -137,16 +232,24 @@ mod tests {
         assert!(router.is_empty());
     }
 
-    #[test]
-    fn a_full_client_does_not_block() {
+    #[tokio::test]
+    async fn a_push_past_the_budget_marks_a_slow_consumer_and_never_blocks() {
         let router = Router::new();
-        let (tx, _rx) = mpsc::channel(1);
-        let first = TaskId::generate();
-        let second = TaskId::generate();
+        let line_len = Reply::Result(report(&TaskId::parse("a").unwrap()))
+            .to_line()
+            .len();
+        let (tx, mut rx, budget) = result_queue(line_len + line_len / 2);
+        let first = TaskId::parse("a").unwrap();
+        let second = TaskId::parse("b").unwrap();
         router.subscribe(&first, 1, &tx);
         router.subscribe(&second, 1, &tx);
         assert_eq!(router.deliver(report(&first)), 1);
-        assert_eq!(router.deliver(report(&second)), 0);
+        assert_eq!(router.deliver(report(&second)), 0, "over the budget");
+        tokio::time::timeout(std::time::Duration::from_secs(1), budget.overflowed())
+            .await
+            .expect("the connection learns it overflowed");
+        let pushed = rx.try_recv().expect("the first is queued");
+        budget.release(pushed.line.len());
         router.subscribe(&first, 1, &tx);
         router.unsubscribe(&first, 1);
         assert!(router.is_empty());

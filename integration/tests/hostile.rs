@@ -177,3 +177,206 @@ async fn oversized_payloads_are_refused_naming_the_limit() {
     );
     deployment.stop().await;
 }
+
+/// Reads replies until the server closes the connection; returns them.
+async fn read_to_end(client: &mut cliente::Client) -> Vec<Reply> {
+    let mut replies = Vec::new();
+    loop {
+        match tokio::time::timeout(tareas_integration::LIMIT, client.recv()).await {
+            Ok(Ok(Some(reply))) => replies.push(reply),
+            Ok(Ok(None)) | Ok(Err(_)) => return replies,
+            Err(_) => panic!(
+                "the server never closed the connection; got {} replies",
+                replies.len()
+            ),
+        }
+    }
+}
+
+fn is_error(reply: &Reply, code: ErrorCode) -> bool {
+    matches!(reply, Reply::Error(e) if e.code == code)
+}
+
+/// Pings on `client` `count` times, one at a time; returns the p99 in ms.
+async fn ping_p99(client: &mut cliente::Client, count: usize) -> f64 {
+    let mut millis = Vec::with_capacity(count);
+    for _ in 0..count {
+        let started = std::time::Instant::now();
+        client.send(&Request::Ping).await.expect("send");
+        assert_eq!(next(client).await, Reply::Pong);
+        millis.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    millis.sort_by(f64::total_cmp);
+    millis[(count * 99 / 100).min(count - 1)]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_past_the_output_limit_closes_with_slow_consumer() {
+    let mut deployment = Deployment::new().await;
+    let mut config = deployment.distribuidor_config();
+    config.limits.max_output_bytes = 4096; // one fibonacci(1000) result is ~100 KiB
+    let distribuidor = deployment.start_distribuidor(config).await;
+    deployment.start_worker(deployment.worker_config("w-slow", 2));
+    let mut client = distribuidor.client().await;
+    let id = submit_ok(&mut client, task("fibonacci", json!({"n": 1000}))).await;
+    let replies = read_to_end(&mut client).await;
+    assert!(
+        replies.iter().any(|r| is_error(r, ErrorCode::SlowConsumer)),
+        "{replies:?}"
+    );
+    // The result is not lost: `status` has it.
+    let mut other = distribuidor.client().await;
+    let done = tareas_integration::wait_for_status(&mut other, &id, |r| {
+        matches!(
+            r,
+            Reply::Status {
+                state: tareas_common::protocol::StatusState::Succeeded,
+                ..
+            }
+        )
+    })
+    .await;
+    assert!(matches!(
+        done,
+        Reply::Status {
+            result: Some(_),
+            ..
+        }
+    ));
+    deployment.stop().await;
+}
+
+/// A client with a 4 KiB receive buffer, so that what it does not read
+/// stays with the server instead of in its own kernel.
+async fn tight_client(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    socket.connect(addr).await.expect("connect")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_never_read_are_closed_and_a_bystander_is_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut deployment = Deployment::new().await;
+    let mut config = deployment.distribuidor_config();
+    config.limits.max_output_bytes = 512 * 1024;
+    config.limits.write_timeout_secs = 2;
+    let distribuidor = deployment.start_distribuidor(config).await;
+    deployment.start_worker(deployment.worker_config("w-slow", 2));
+    let mut bad = Vec::new();
+    let mut last_ids = Vec::new();
+    for c in 0..4 {
+        let mut stream = tight_client(distribuidor.addr).await;
+        let mut requests = Vec::new();
+        for i in 0..60 {
+            let mut request = task("fibonacci", json!({"n": 1000}));
+            request.task_id = Some(format!("slow-{}-{c}-{i}", deployment.queue));
+            requests.extend(serde_json::to_vec(&Request::Task(request)).expect("json"));
+            requests.push(b'\n');
+        }
+        stream.write_all(&requests).await.expect("send");
+        last_ids.push(format!("slow-{}-{c}-59", deployment.queue));
+        bad.push(stream);
+    }
+    let mut bystander = distribuidor.client().await;
+    let p99 = ping_p99(&mut bystander, 1000).await;
+    println!("bystander ping p99 while 4 clients do not read: {p99:.2} ms");
+    for id in &last_ids {
+        tareas_integration::wait_for_status(&mut bystander, id, |r| {
+            matches!(
+                r,
+                Reply::Status {
+                    state: tareas_common::protocol::StatusState::Succeeded,
+                    ..
+                }
+            )
+        })
+        .await;
+    }
+    for mut stream in bad {
+        // ~6 MB of results each, against 512 KiB of output budget and a
+        // 2 s write deadline: the server gave up on it and closed.
+        let mut received = Vec::new();
+        tokio::time::timeout(tareas_integration::LIMIT, stream.read_to_end(&mut received))
+            .await
+            .expect("the server closed the connection")
+            .ok();
+        let results = received
+            .split(|b| *b == b'\n')
+            .filter(|line| line.starts_with(b"{\"type\":\"result\""))
+            .count();
+        assert!(
+            results < 60,
+            "the server held every result for it: {results}"
+        );
+    }
+    submit_ok(&mut bystander, task("hash", json!({"text": "after"}))).await;
+    assert_eq!(
+        next_result(&mut bystander).await.status,
+        TaskState::Succeeded
+    );
+    deployment.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_trickled_in_is_cut_off_and_whitespace_is_not_activity() {
+    let mut deployment = Deployment::new().await;
+    let mut config = deployment.distribuidor_config();
+    config.limits.message_timeout_secs = 1;
+    config.limits.idle_timeout_secs = 1;
+    let distribuidor = deployment.start_distribuidor(config).await;
+    for (start, trickle, code) in [
+        (&b"{\"type\":"[..], b" ", ErrorCode::RequestTimeout),
+        (&b" "[..], b" ", ErrorCode::IdleTimeout),
+    ] {
+        let mut loris = distribuidor.client().await;
+        loris.send_raw(start).await.expect("send");
+        let trickling = async {
+            // One byte every 200 ms, for longer than either timeout.
+            for _ in 0..25 {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                if loris.send_raw(trickle).await.is_err() {
+                    break;
+                }
+            }
+        };
+        trickling.await;
+        let replies = read_to_end(&mut loris).await;
+        assert!(
+            replies.iter().any(|r| is_error(r, code)),
+            "{code:?}: {replies:?}"
+        );
+        // A bystander (new: with a 1 s idle limit an old one would idle out).
+        let mut bystander = distribuidor.client().await;
+        bystander.send(&Request::Ping).await.expect("send");
+        assert_eq!(next(&mut bystander).await, Reply::Pong);
+    }
+    let mut fresh = distribuidor.client().await;
+    fresh.send(&Request::Ping).await.expect("send");
+    assert_eq!(
+        next(&mut fresh).await,
+        Reply::Pong,
+        "a new client is served"
+    );
+    deployment.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closing_error_reaches_a_client_that_keeps_sending() {
+    let mut deployment = Deployment::new().await;
+    let mut config = deployment.distribuidor_config();
+    config.limits.max_message_bytes = 1024;
+    let distribuidor = deployment.start_distribuidor(config).await;
+    let mut client = distribuidor.client().await;
+    let mut big = b"{\"type\":\"task\",\"payload\":\"".to_vec();
+    big.extend(std::iter::repeat_n(b'x', 64 * 1024));
+    // More than the limit, and the client goes on sending after it.
+    let _ = client.send_raw(&big).await;
+    let _ = client.send_raw(&big).await;
+    let replies = read_to_end(&mut client).await;
+    assert!(
+        replies.iter().any(|r| is_error(r, ErrorCode::TooLarge)),
+        "the error line was not lost to a reset: {replies:?}"
+    );
+    deployment.stop().await;
+}

@@ -3,10 +3,10 @@
 
 use serde_json::json;
 use tareas_common::db::Finish;
+use tareas_common::protocol::Reply;
 use tareas_common::task::{TaskId, TaskMessage, TaskState};
 use tareas_distribuidor::recovery;
-use tareas_distribuidor::router::Router;
-use tokio::sync::mpsc;
+use tareas_distribuidor::router::{self, Router};
 use tokio_util::sync::CancellationToken;
 
 fn message() -> TaskMessage {
@@ -39,13 +39,16 @@ async fn a_sweep_pushes_finished_tasks_and_keeps_waiting_for_the_rest() {
     .expect("finish");
 
     let router = Router::new();
-    let (sender, mut pushed) = mpsc::channel(8);
+    let (sender, mut pushed, _budget) = router::result_queue(1 << 20);
     router.subscribe(&finished.task_id, 1, &sender);
     router.subscribe(&queued.task_id, 1, &sender);
     let count = recovery::sweep(&router, &db, &CancellationToken::new()).await;
 
     assert_eq!(count, 1);
-    let report = pushed.try_recv().expect("the finished task's result");
+    let line = pushed.try_recv().expect("the finished task's result").line;
+    let Ok(Reply::Result(report)) = serde_json::from_slice::<Reply>(&line) else {
+        panic!("a result line: {line:?}");
+    };
     assert_eq!(report.task_id, finished.task_id);
     assert_eq!(report.status, TaskState::Succeeded);
     assert_eq!(report.result, Some(json!({"text": "hola"})));
