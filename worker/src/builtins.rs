@@ -245,7 +245,13 @@ mod tests {
         let limit = Duration::from_secs(5);
         for text in ["hola".to_owned(), "x".repeat(INLINE_PAYLOAD_LIMIT * 4)] {
             let expected = hex::encode(Sha256::digest(text.as_bytes()));
-            let outcome = crate::executor::execute(&registry, &task(text), limit).await;
+            let outcome = crate::executor::execute(
+                &registry,
+                &task(text),
+                limit,
+                crate::executor::test_slot(),
+            )
+            .await;
             assert_eq!(outcome.result, Some(json!({ "sha256": expected })));
         }
     }

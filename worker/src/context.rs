@@ -30,7 +30,7 @@ pub struct Context {
     /// Deliveries held at once (RabbitMQ prefetch), running or being stored.
     pub prefetch: usize,
     /// A delivery holds one from its claim to the end of its run.
-    pub run_slots: tokio::sync::Semaphore,
+    pub run_slots: std::sync::Arc<tokio::sync::Semaphore>,
     pub time_limits: crate::time_limits::TimeLimits,
     pub retry: RetryPolicy,
     pub drain_limit: Duration,

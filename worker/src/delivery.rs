@@ -27,7 +27,7 @@ use tareas_common::amqp::{self, Envelope, PublishError};
 use tareas_common::backoff::{random_fraction, retry_until_ok, Dependency, POSTGRES, S3};
 use tareas_common::db::{Claim, DbError, Finish, TaskRow};
 use tareas_common::task::{TaskMessage, TaskReport, TaskState};
-use tokio::sync::SemaphorePermit;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -224,12 +224,12 @@ async fn handle(
 }
 
 /// Waits for one of the worker's run slots; `None` if shutdown came first.
-async fn run_slot<'a>(ctx: &'a Context, stop: &Stop) -> Option<SemaphorePermit<'a>> {
+async fn run_slot(ctx: &Context, stop: &Stop) -> Option<OwnedSemaphorePermit> {
     tokio::select! {
         biased;
         () = stop.starting.cancelled() => None,
         () = stop.abandon.cancelled() => None,
-        slot = ctx.run_slots.acquire() => slot.ok(),
+        slot = ctx.run_slots.clone().acquire_owned() => slot.ok(),
     }
 }
 
@@ -240,7 +240,7 @@ async fn run(
     ctx: &Context,
     task: &TaskMessage,
     attempt: u32,
-    slot: SemaphorePermit<'_>,
+    slot: OwnedSemaphorePermit,
     abandon: &CancellationToken,
 ) -> Result<Ran, Stopped> {
     if attempt > ctx.retry.max_attempts {
@@ -252,9 +252,8 @@ async fn run(
     let limit = ctx.time_limits.for_type(&task.task_type);
     let outcome = tokio::select! {
         () = abandon.cancelled() => return Err(Stopped::Abandoned),
-        outcome = executor::execute(&ctx.registry, task, limit) => outcome,
+        outcome = executor::execute(&ctx.registry, task, limit, slot) => outcome,
     };
-    drop(slot);
     tracing::debug!(run_ms = outcome.duration.as_secs_f64() * 1e3, "task ran");
     let Some(error) = outcome.error.clone() else {
         return Ok(Ran::Done {

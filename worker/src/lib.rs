@@ -69,7 +69,7 @@ impl Worker {
             worker_id: config.worker_id(),
             concurrency,
             prefetch,
-            run_slots: tokio::sync::Semaphore::new(concurrency),
+            run_slots: Arc::new(tokio::sync::Semaphore::new(concurrency)),
             time_limits,
             retry: RetryPolicy {
                 max_attempts: config.max_attempts.max(1),
