@@ -44,13 +44,13 @@ async fn open(broker: &BrokerArgs) -> anyhow::Result<(Connection, Channel, Topol
                 redacted(&broker.amqp_url)
             )
         })?;
-    // Confirm mode: a replay is published by the one rule.
-    let channel = amqp::confirm_channel(&connection).await?;
-    let topology = Topology::new(broker.queue.clone());
+    let topology = Topology::from_args(broker);
     topology
-        .declare(&channel)
+        .declare(&connection)
         .await
         .context("declaring the queues")?;
+    // Confirm mode: a replay is published by the one rule.
+    let channel = amqp::confirm_channel(&connection).await?;
     Ok((connection, channel, topology))
 }
 

@@ -54,6 +54,11 @@ pub struct BrokerArgs {
     /// The work queue; its dead-letter queue is `<queue>.dlq`.
     #[arg(long, env = "TAREAS_QUEUE", default_value = "tareas")]
     pub queue: String,
+    /// Most messages the work queue holds, set when it is created; past it
+    /// a task gets `queue_full`. 0: unbounded. Every process of a
+    /// deployment must use the same value.
+    #[arg(long, env = "TAREAS_QUEUE_MAX_LENGTH", default_value_t = 1_000_000)]
+    pub queue_max_length: u64,
 }
 
 /// Where PostgreSQL is.

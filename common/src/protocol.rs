@@ -119,6 +119,8 @@ pub enum ErrorCode {
     /// The client does not read its replies fast enough (output limit or
     /// write deadline); the connection is closed, results stay available by `status`.
     SlowConsumer,
+    /// The work queue is at its maximum length: the task was NOT accepted.
+    QueueFull,
 }
 
 impl ErrorCode {
@@ -134,6 +136,7 @@ impl ErrorCode {
             ErrorCode::IdleTimeout => "idle_timeout",
             ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::SlowConsumer => "slow_consumer",
+            ErrorCode::QueueFull => "queue_full",
         }
     }
 }

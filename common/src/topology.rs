@@ -4,7 +4,9 @@
 //!
 //! - `<queue>` (default `tareas`): a durable quorum queue with a delivery
 //!   limit; messages that exceed it, or that a worker rejects, are
-//!   dead-lettered.
+//!   dead-lettered. It holds at most `TAREAS_QUEUE_MAX_LENGTH` messages
+//!   (`x-max-length`, `x-overflow: reject-publish`: a publish past it is
+//!   nacked, never dropped silently).
 //! - `<queue>.dlx`: a durable fanout exchange, the dead-letter exchange.
 //! - `<queue>.dlq`: a durable quorum queue bound to it.
 //! - `<queue>.retry.<ms>`: durable quorum queues, declared on first use, one
@@ -18,7 +20,7 @@
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 
 /// How many times RabbitMQ delivers a message that was handed back
 /// (worker crash, nack with requeue) before dead-lettering it.
@@ -32,12 +34,26 @@ pub const REPLY_QUEUE_EXPIRES_MS: i64 = 10 * 60 * 1000;
 pub struct Topology {
     /// The work queue, `tareas` unless configured otherwise.
     pub queue: String,
+    /// Most messages the work queue holds (`x-max-length`), if bounded.
+    pub max_length: Option<u64>,
 }
 
 impl Topology {
+    /// The topology of work queue `queue`, unbounded.
     pub fn new(queue: impl Into<String>) -> Topology {
         Topology {
             queue: queue.into(),
+            max_length: None,
+        }
+    }
+
+    /// The topology that `broker` configures (queue name and maximum length).
+    /// Every process of a deployment must agree on it: RabbitMQ refuses to
+    /// declare a queue again with other arguments.
+    pub fn from_args(broker: &crate::config::BrokerArgs) -> Topology {
+        Topology {
+            queue: broker.queue.clone(),
+            max_length: (broker.queue_max_length > 0).then_some(broker.queue_max_length),
         }
     }
 
@@ -50,8 +66,13 @@ impl Topology {
     }
 
     /// Declares the work queue, the dead-letter exchange and the dead-letter
-    /// queue on `channel`.
-    pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
+    /// queue, on channels of its own on `connection`.
+    ///
+    /// A work queue created before `TAREAS_QUEUE_MAX_LENGTH` existed keeps
+    /// its arguments (RabbitMQ refuses to change them): that is logged, with
+    /// the policy that bounds it, and the queue is used as it is.
+    pub async fn declare(&self, connection: &Connection) -> Result<(), lapin::Error> {
+        let channel = connection.create_channel().await?;
         channel
             .exchange_declare(
                 self.dead_letter_exchange().as_str().into(),
@@ -63,7 +84,7 @@ impl Topology {
                 FieldTable::default(),
             )
             .await?;
-        declare_durable(channel, &self.dead_letter_queue(), quorum_arguments()).await?;
+        declare_durable(&channel, &self.dead_letter_queue(), quorum_arguments()).await?;
         channel
             .queue_bind(
                 self.dead_letter_queue().as_str().into(),
@@ -73,6 +94,32 @@ impl Topology {
                 FieldTable::default(),
             )
             .await?;
+        let declared = declare_durable(&channel, &self.queue, self.work_arguments(true)).await;
+        match declared {
+            Err(err)
+                if self.max_length.is_some() && err.to_string().contains("inequivalent arg") =>
+            {
+                tracing::warn!(
+                    queue = %self.queue,
+                    "the work queue exists without a maximum length and keeps it so; bound it with a policy: \
+                     rabbitmqctl set_policy --apply-to queues tareas-max-length '^{}$' '{{\"max-length\":{},\"overflow\":\"reject-publish\"}}'",
+                    self.queue,
+                    self.max_length.unwrap_or_default()
+                );
+                let channel = connection.create_channel().await?;
+                declare_durable(&channel, &self.queue, self.work_arguments(false)).await?;
+                let _ = channel.close(200, "declared".into()).await;
+            }
+            declared => {
+                declared?;
+                let _ = channel.close(200, "declared".into()).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// The work queue's arguments, with its maximum length when `bounded`.
+    fn work_arguments(&self, bounded: bool) -> FieldTable {
         let mut arguments = quorum_arguments();
         arguments.insert(
             "x-delivery-limit".into(),
@@ -82,7 +129,17 @@ impl Topology {
             "x-dead-letter-exchange".into(),
             AMQPValue::LongString(LongString::from(self.dead_letter_exchange().as_str())),
         );
-        declare_durable(channel, &self.queue, arguments).await
+        if let (true, Some(max)) = (bounded, self.max_length) {
+            arguments.insert(
+                "x-max-length".into(),
+                AMQPValue::LongLongInt(i64::try_from(max).unwrap_or(i64::MAX)),
+            );
+            arguments.insert(
+                "x-overflow".into(),
+                AMQPValue::LongString(LongString::from("reject-publish")),
+            );
+        }
+        arguments
     }
 }
 

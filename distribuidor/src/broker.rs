@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::options::{BasicConsumeOptions, QueueDeleteOptions};
+use lapin::options::{BasicConsumeOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use tareas_common::amqp::{self, Envelope, PublishError};
@@ -107,6 +107,32 @@ impl Broker {
             Some(session.reply_queue.as_str().into()),
         );
         amqp::publish_persistent(&session.channel, &self.topology.queue, &body, envelope).await
+    }
+}
+
+impl Broker {
+    /// Whether the work queue holds its maximum length right now (a passive
+    /// declare): tells a nack for a full queue from any other.
+    pub async fn queue_is_full(&self) -> bool {
+        let Some(max) = self.topology.max_length else {
+            return false;
+        };
+        let Some(session) = self.session.borrow().clone() else {
+            return false;
+        };
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let declared = session
+            .channel
+            .queue_declare(
+                self.topology.queue.as_str().into(),
+                passive,
+                FieldTable::default(),
+            )
+            .await;
+        declared.is_ok_and(|queue| u64::from(queue.message_count()) >= max)
     }
 }
 
@@ -210,8 +236,8 @@ struct Opened {
 async fn open(link: &Link) -> Result<Opened, lapin::Error> {
     let name = format!("distribuidor-{}", link.instance);
     let connection = amqp::connect(&link.amqp_url, &name).await?;
+    link.topology.declare(&connection).await?;
     let publish_channel = amqp::confirm_channel(&connection).await?;
-    link.topology.declare(&publish_channel).await?;
     let reply_channel = connection.create_channel().await?;
     let reply_queue = link
         .topology

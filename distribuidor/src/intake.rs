@@ -179,6 +179,9 @@ impl Shared {
                     tracing::debug!(cause = %err, "could not remove the unpublished row");
                 }
             }
+            if matches!(err, PublishError::Nacked) && self.broker.queue_is_full().await {
+                return Err(Refusal::QueueFull);
+            }
             return Err(Refusal::Unavailable(err.client_message()));
         }
         if let Publish::QueuedAgain = publish {
@@ -260,6 +263,8 @@ enum Refusal {
     Unavailable(&'static str),
     /// PostgreSQL refuses the task's data: `invalid_payload`.
     Unstorable,
+    /// The work queue is at `TAREAS_QUEUE_MAX_LENGTH`: `queue_full`.
+    QueueFull,
 }
 
 impl Refusal {
@@ -272,6 +277,12 @@ impl Refusal {
             Refusal::Unstorable => (
                 ErrorCode::InvalidPayload,
                 "the task's data cannot be stored; the task was NOT accepted".to_owned(),
+            ),
+            Refusal::QueueFull => (
+                ErrorCode::QueueFull,
+                "the work queue is full (TAREAS_QUEUE_MAX_LENGTH); the task was NOT accepted, \
+                 retry later"
+                    .to_owned(),
             ),
         };
         Reply::error(code, message, Some(task_id.to_string()))

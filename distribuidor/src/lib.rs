@@ -57,7 +57,7 @@ impl Distribuidor {
         let broker_stop = CancellationToken::new();
         let (broker, broker_link) = Broker::start(
             config.broker.amqp_url.clone(),
-            Topology::new(config.broker.queue.clone()),
+            Topology::from_args(&config.broker),
             router.clone(),
             broker_stop.clone(),
         );

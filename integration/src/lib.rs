@@ -445,3 +445,11 @@ impl DistribuidorProcess {
         let _ = std::fs::remove_file(&self.log);
     }
 }
+
+/// The topology the test deployment's processes declare for `queue` (the
+/// same arguments: RabbitMQ refuses a queue declared again with others).
+pub fn topology(queue: &str) -> Topology {
+    let mut broker = WorkerConfig::defaults().broker;
+    broker.queue = queue.to_owned();
+    Topology::from_args(&broker)
+}

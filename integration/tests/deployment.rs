@@ -103,6 +103,7 @@ fn local_values(queue: &str, addr: &str) -> BTreeMap<&'static str, String> {
     // value, which the programs read as "use the default".
     for unset in [
         "TAREAS_SHUTDOWN_TIMEOUT_SECS",
+        "TAREAS_QUEUE_MAX_LENGTH",
         "TAREAS_EXTRA_TASK_TYPES",
         "TAREAS_MAX_MESSAGE_BYTES",
         "TAREAS_MAX_IN_FLIGHT",

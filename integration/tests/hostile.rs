@@ -5,7 +5,6 @@ use serde_json::json;
 use tareas_common::amqp::{self, Envelope};
 use tareas_common::protocol::{ErrorCode, Reply, Request};
 use tareas_common::task::{TaskId, TaskMessage, TaskState};
-use tareas_common::topology::Topology;
 
 use tareas_integration::{
     next, next_result, submit_ok, task, wait_for_ready_messages, Deployment, DistribuidorProcess,
@@ -89,8 +88,8 @@ async fn a_nul_task_published_straight_to_the_queue_is_dead_lettered() {
     deployment.start_worker(deployment.worker_config("w-nul", 2));
     let connection = tareas_integration::rabbitmq().await;
     let channel = amqp::confirm_channel(&connection).await.expect("channel");
-    let topology = Topology::new(&deployment.queue);
-    topology.declare(&channel).await.expect("declare");
+    let topology = tareas_integration::topology(&deployment.queue);
+    topology.declare(&connection).await.expect("declare");
     let poison = TaskMessage {
         task_id: TaskId::generate(),
         task_type: "echo".into(),
@@ -378,5 +377,59 @@ async fn a_closing_error_reaches_a_client_that_keeps_sending() {
         replies.iter().any(|r| is_error(r, ErrorCode::TooLarge)),
         "the error line was not lost to a reset: {replies:?}"
     );
+    deployment.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_queue_full_and_keeps_no_row() {
+    let mut deployment = Deployment::new().await;
+    let mut config = deployment.distribuidor_config();
+    config.broker.queue_max_length = 3;
+    let distribuidor = deployment.start_distribuidor(config).await;
+    let mut client = distribuidor.client().await;
+    // RabbitMQ's quorum queues take up to one message past the limit.
+    let mut acked = 0;
+    let refused = loop {
+        let mut request = task("hash", json!({"text": "fill"}));
+        let id = format!("full-{acked}-{}", deployment.queue);
+        request.task_id = Some(id.clone());
+        client.send(&Request::Task(request)).await.expect("send");
+        match next(&mut client).await {
+            Reply::Ack { .. } => acked += 1,
+            reply => {
+                assert!(is_error(&reply, ErrorCode::QueueFull), "{reply:?}");
+                break id;
+            }
+        }
+        assert!(acked <= 4, "the queue took {acked} of at most 3 (+1)");
+    };
+    assert!(acked >= 3, "refused before the limit: {acked}");
+    let row = tareas_integration::db()
+        .status(&refused)
+        .await
+        .expect("status");
+    assert!(row.is_none(), "a refused task leaves no row: {row:?}");
+    // Nothing else changed: the connection goes on.
+    client.send(&Request::Ping).await.expect("send");
+    assert_eq!(next(&mut client).await, Reply::Pong);
+    deployment.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_created_unbounded_is_used_as_it_is() {
+    let deployment = Deployment::new().await;
+    let connection = tareas_integration::rabbitmq().await;
+    let unbounded = tareas_common::topology::Topology::new(&deployment.queue);
+    unbounded
+        .declare(&connection)
+        .await
+        .expect("an older deployment");
+    let bounded = tareas_integration::topology(&deployment.queue);
+    assert!(bounded.max_length.is_some());
+    bounded
+        .declare(&connection)
+        .await
+        .expect("the bounded declare falls back to the queue as it is");
+    let _ = connection.close(200, "done".into()).await;
     deployment.stop().await;
 }

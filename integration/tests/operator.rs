@@ -78,8 +78,8 @@ impl Drop for RabbitUser {
 async fn dead_letter(queue: &str, task_id: &str) {
     let connection = tareas_integration::rabbitmq().await;
     let channel = connection.create_channel().await.expect("channel");
-    let topology = tareas_common::topology::Topology::new(queue);
-    topology.declare(&channel).await.expect("declare");
+    let topology = tareas_integration::topology(queue);
+    topology.declare(&connection).await.expect("declare");
     let body = json!({"task_id": task_id, "task_type": "echo", "payload": {}});
     channel
         .basic_publish(

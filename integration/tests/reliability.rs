@@ -179,8 +179,8 @@ async fn an_unroutable_publish_is_unavailable_not_an_ack() {
         }
         other => panic!("expected unavailable, got {other:?}"),
     }
-    Topology::new(&deployment.queue)
-        .declare(&channel)
+    tareas_integration::topology(&deployment.queue)
+        .declare(&connection)
         .await
         .unwrap();
     let _ = connection.close(200, "done".into()).await;

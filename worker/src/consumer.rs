@@ -88,8 +88,8 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
 
 async fn open(ctx: &Context) -> Result<(Connection, Channels, lapin::Consumer), lapin::Error> {
     let connection = amqp::connect(&ctx.amqp_url, &ctx.worker_id).await?;
+    ctx.topology.declare(&connection).await?;
     let consume = connection.create_channel().await?;
-    ctx.topology.declare(&consume).await?;
     let prefetch = u16::try_from(ctx.prefetch).unwrap_or(u16::MAX);
     consume
         .basic_qos(prefetch, BasicQosOptions::default())

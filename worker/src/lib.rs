@@ -65,7 +65,7 @@ impl Worker {
             amqp_url: config.broker.amqp_url.clone(),
             db: Db::new(&config.database.database_url, prefetch + 2)?,
             s3: S3Store::new(&config.s3),
-            topology: Topology::new(config.broker.queue.clone()),
+            topology: Topology::from_args(&config.broker),
             worker_id: config.worker_id(),
             concurrency,
             prefetch,
