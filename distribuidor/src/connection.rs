@@ -19,7 +19,7 @@ use bytes::{Bytes, BytesMut};
 use futures::stream::{FuturesOrdered, StreamExt};
 use tareas_common::protocol::{ErrorCode, Reply, Request};
 use tareas_common::task::TaskId;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -69,7 +69,9 @@ struct Client {
     /// Bytes read and not framed yet; empty (no allocation) between messages.
     buffer: BytesMut,
     framer: Framer,
-    writer: BufWriter<OwnedWriteHalf>,
+    /// Unbuffered: each line is written whole and at once, and an idle
+    /// connection holds no write buffer.
+    writer: OwnedWriteHalf,
     /// Given to the router with each subscription; results arrive on `results`.
     results_tx: ResultSender,
     results: mpsc::UnboundedReceiver<Pushed>,
@@ -122,7 +124,7 @@ impl Client {
             reader,
             buffer: BytesMut::new(),
             framer: Framer::new(limits.max_message_bytes),
-            writer: BufWriter::new(writer),
+            writer,
             results_tx,
             results,
             budget,
