@@ -120,9 +120,9 @@ pub fn redacted(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    // The user info ends at the last `@` before the path.
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else {
+    // The user info ends at the last `@` (a password may hold `/` or `@`;
+    // masking too much is safe, too little is not).
+    let Some(at) = rest.rfind('@') else {
         return url.to_owned();
     };
     match rest[..at].split_once(':') {
@@ -150,5 +150,9 @@ mod tests {
             "postgres://postgres@127.0.0.1:5432/tareas"
         );
         assert_eq!(redacted("not a url"), "not a url");
+        assert_eq!(
+            redacted("amqp://u:pa/ss@host:5672/%2f"),
+            "amqp://u:***@host:5672/%2f"
+        );
     }
 }

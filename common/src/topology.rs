@@ -101,13 +101,20 @@ impl Topology {
             {
                 tracing::warn!(
                     queue = %self.queue,
-                    "the work queue exists without a maximum length and keeps it so; bound it with a policy: \
+                    "the work queue exists with other arguments (no or another maximum length) and keeps them; bound it with a policy: \
                      rabbitmqctl set_policy --apply-to queues tareas-max-length '^{}$' '{{\"max-length\":{},\"overflow\":\"reject-publish\"}}'",
                     self.queue,
                     self.max_length.unwrap_or_default()
                 );
+                // It exists (with other arguments): use it as it is.
                 let channel = connection.create_channel().await?;
-                declare_durable(&channel, &self.queue, self.work_arguments(false)).await?;
+                let passive = QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                };
+                channel
+                    .queue_declare(self.queue.as_str().into(), passive, FieldTable::default())
+                    .await?;
                 let _ = channel.close(200, "declared".into()).await;
             }
             declared => {

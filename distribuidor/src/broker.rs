@@ -124,15 +124,15 @@ impl Broker {
             passive: true,
             ..QueueDeclareOptions::default()
         };
-        let declared = session
-            .channel
-            .queue_declare(
-                self.topology.queue.as_str().into(),
-                passive,
-                FieldTable::default(),
-            )
-            .await;
-        declared.is_ok_and(|queue| u64::from(queue.message_count()) >= max)
+        let declared = session.channel.queue_declare(
+            self.topology.queue.as_str().into(),
+            passive,
+            FieldTable::default(),
+        );
+        match tokio::time::timeout(std::time::Duration::from_secs(2), declared).await {
+            Ok(Ok(queue)) => u64::from(queue.message_count()) >= max,
+            _ => false,
+        }
     }
 }
 

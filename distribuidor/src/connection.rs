@@ -191,6 +191,14 @@ impl Client {
         // Read only with room for more: backpressure, not buffering.
         let read = self.reading && self.has_room();
         let idle = self.reading && self.pending.is_empty() && self.subscribed.is_empty();
+        if !read {
+            // Not reading (no room): the message cannot arrive meanwhile,
+            // so its time starts again when reading does.
+            if let Some(deadline) = self.message_deadline.as_mut() {
+                let renewed = Instant::now() + secs(self.limits.message_timeout_secs);
+                *deadline = (*deadline).max(renewed);
+            }
+        }
         let message_deadline = self.message_deadline;
         let budget = self.budget.clone();
         tokio::select! {
@@ -200,7 +208,7 @@ impl Client {
             () = budget.overflowed() => Event::Overflow,
             () = sleep_until(self.idle_deadline), if idle => Event::IdleTimeout,
             () = sleep_until(message_deadline.unwrap_or_else(Instant::now)),
-                if self.reading && message_deadline.is_some() => Event::MessageTimeout,
+                if read && message_deadline.is_some() => Event::MessageTimeout,
             () = shutdown.cancelled(), if self.reading => Event::Shutdown,
         }
     }
@@ -298,7 +306,9 @@ impl Client {
     /// A result arrived: held until its task's ack is written, else pushed.
     async fn push_result(&mut self, pushed: Pushed) -> std::io::Result<()> {
         if let Some(slot) = self.unacked.get_mut(&pushed.task_id) {
-            *slot = Some(pushed.line);
+            if let Some(replaced) = slot.replace(pushed.line) {
+                self.budget.release(replaced.len());
+            }
             return Ok(());
         }
         self.subscribed.remove(&pushed.task_id);
@@ -325,13 +335,15 @@ impl Client {
             _ => None,
         });
         let early = about.and_then(|task_id| self.unacked.remove(&task_id).flatten());
-        if let Some(task_id) = handled.subscribed {
-            match early {
-                Some(line) => self.write_result(&line).await?,
-                None => {
-                    self.subscribed.insert(task_id);
-                }
+        match (handled.subscribed, early) {
+            (Some(_), Some(line)) => self.write_result(&line).await?,
+            (Some(task_id), None) => {
+                self.subscribed.insert(task_id);
             }
+            // Not waited for (refused, or its stored result went out with
+            // the ack): the early line is dropped, its bytes given back.
+            (None, Some(line)) => self.budget.release(line.len()),
+            (None, None) => {}
         }
         Ok(())
     }
@@ -377,6 +389,13 @@ impl Client {
     /// Leaves the router and closes; after an error reply, lingers a moment
     /// reading what the client still sends, so the reply is not lost to a reset.
     async fn close(mut self) {
+        if !self.pending.is_empty() {
+            // Requests under way (a submission between its record and its
+            // publish) finish even though nobody reads their replies: a
+            // half-done submission would leave a `queued` row behind.
+            let pending = std::mem::take(&mut self.pending);
+            tokio::spawn(pending.for_each(|_| async {}));
+        }
         for task_id in self.subscribed.iter().chain(self.unacked.keys()) {
             self.shared.router.unsubscribe(task_id, self.id);
         }

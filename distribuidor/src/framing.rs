@@ -77,8 +77,8 @@ pub struct Framer {
     mode: Mode,
     /// How far into the buffer the scan has got.
     scanned: usize,
-    /// The open containers, innermost last: `true` for an object. It grows
-    /// by at most one per byte, so `max_len` bounds it too.
+    /// The open containers, innermost last: `true` for an object; at most
+    /// [`MAX_DEPTH`].
     open: Vec<bool>,
     expect: Expect,
     string: InString,
@@ -293,6 +293,9 @@ impl Framer {
     }
 
     fn open(&mut self, object: bool, expect: Expect) -> Step {
+        if self.open.len() >= MAX_DEPTH {
+            return Step::Invalid("not a request: nested deeper than 128 levels");
+        }
         self.open.push(object);
         self.then(expect)
     }
@@ -312,6 +315,10 @@ impl Framer {
         Frame::TooLarge
     }
 }
+
+/// Deepest nesting accepted (serde_json's own limit): it also bounds the
+/// scanner's stack.
+const MAX_DEPTH: usize = 128;
 
 /// What one byte did to the object being scanned.
 enum Step {

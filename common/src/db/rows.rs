@@ -67,7 +67,7 @@ impl TaskRow {
 
 /// The rows of `ids` (one query), by task id.
 pub(super) async fn records_by_id(
-    client: &deadpool_postgres::Client,
+    client: &impl deadpool_postgres::GenericClient,
     ids: &[&str],
 ) -> Result<std::collections::HashMap<String, TaskRecord>, DbError> {
     let mut records = std::collections::HashMap::new();

@@ -134,7 +134,10 @@ pub(super) async fn claim_batch(
     pool: Pool,
     calls: Arc<[ClaimCall]>,
 ) -> Result<Vec<Result<Claim, DbError>>, DbError> {
-    let client = pool.get().await?;
+    // One transaction: a batch that fails is written again row by row,
+    // which is only right if none of it was committed.
+    let mut connection = pool.get().await?;
+    let client = connection.transaction().await?;
     let mut answers: Vec<Option<Claim>> = calls.iter().map(|_| None).collect();
     for redelivered in [false, true] {
         claim_group(&client, &calls, redelivered, &mut answers).await?;
@@ -146,6 +149,7 @@ pub(super) async fn claim_batch(
         .map(|(call, _)| call.task.task_id.as_str())
         .collect();
     let rows = records_by_id(&client, &unclaimed).await?;
+    client.commit().await?;
     Ok(calls
         .iter()
         .zip(answers)
@@ -167,7 +171,7 @@ pub(super) async fn claim_batch(
 /// Claims, in one statement, the calls of one kind (first deliveries, or
 /// redeliveries) that no earlier call of the batch claimed; fills their answers.
 async fn claim_group(
-    client: &deadpool_postgres::Client,
+    client: &impl deadpool_postgres::GenericClient,
     calls: &[ClaimCall],
     redelivered: bool,
     answers: &mut [Option<Claim>],
@@ -229,7 +233,10 @@ pub(super) async fn finish_batch(
     pool: Pool,
     finishes: Arc<[Finish]>,
 ) -> Result<Vec<Result<TaskRow, DbError>>, DbError> {
-    let client = pool.get().await?;
+    // One transaction: a batch that fails is written again row by row,
+    // which is only right if none of it was committed.
+    let mut connection = pool.get().await?;
+    let client = connection.transaction().await?;
     let ids: Vec<&str> = finishes.iter().map(|f| f.task_id.as_str()).collect();
     let states: Vec<&str> = finishes.iter().map(|f| f.state.as_str()).collect();
     let results: Vec<Option<&Value>> = finishes.iter().map(|f| f.result.as_ref()).collect();
@@ -279,6 +286,7 @@ pub(super) async fn finish_batch(
             documents.insert(row.get(0), row.get(1));
         }
     }
+    client.commit().await?;
     Ok(ids
         .iter()
         .map(|id| match documents.remove(*id) {
@@ -365,6 +373,32 @@ mod tests {
         let row = db.row(id).await.expect("row").expect("exists");
         assert_eq!(row.state, TaskState::Queued);
         assert_eq!(row.error.as_deref(), Some("flaky"));
+    }
+
+    #[tokio::test]
+    async fn a_refused_row_in_a_later_statement_undoes_nothing_of_the_batch() {
+        let db = test_db().await;
+        // First deliveries go in the batch's first statement, redeliveries in
+        // its second: the NUL one fails that one, the first must not count.
+        let mut tasks: Vec<(TaskMessage, bool)> =
+            (0..30).map(|_| (test_task("echo"), false)).collect();
+        let mut poison = test_task("echo");
+        poison.payload = serde_json::json!({"text": "a\u{0}b"});
+        tasks.insert(15, (poison, true));
+        let calls = tasks.iter().map(|(task, redelivered)| {
+            let (db, task, redelivered) = (db.clone(), task.clone(), *redelivered);
+            tokio::spawn(async move { db.claim(&task, "w1", redelivered).await })
+        });
+        let answers = futures::future::join_all(calls).await;
+        for (i, answer) in answers.into_iter().enumerate() {
+            match answer.expect("task") {
+                Ok(claim) => assert_eq!(claim, Claim::Started { attempt: 1 }, "call {i}"),
+                Err(err) => {
+                    assert_eq!(i, 15, "only the NUL claim fails: {err}");
+                    assert!(err.is_data_error(), "{err:?}");
+                }
+            }
+        }
     }
 
     #[tokio::test]

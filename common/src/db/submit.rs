@@ -95,7 +95,10 @@ pub(super) async fn insert_queued_batch(
     pool: Pool,
     tasks: Arc<[TaskMessage]>,
 ) -> Result<Vec<Result<Submission, DbError>>, DbError> {
-    let client = pool.get().await?;
+    // One transaction: a batch that fails is written again row by row,
+    // which is only right if none of it was committed.
+    let mut connection = pool.get().await?;
+    let client = connection.transaction().await?;
     let ids: Vec<&str> = tasks.iter().map(|t| t.task_id.as_str()).collect();
     let types: Vec<&str> = tasks.iter().map(|t| t.task_type.as_str()).collect();
     let payloads: Vec<&Value> = tasks.iter().map(|t| &t.payload).collect();
@@ -118,6 +121,7 @@ pub(super) async fn insert_queued_batch(
         .filter(|id| !inserted.contains_key(*id))
         .collect();
     let existing = records_by_id(&client, &known).await?;
+    client.commit().await?;
     let answers = tasks
         .iter()
         .map(|task| {
