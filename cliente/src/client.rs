@@ -20,6 +20,11 @@ impl Client {
         let stream = TcpStream::connect(addr).await.with_context(|| {
             format!("cannot connect to the distribuidor at {addr}; is it running (`scripts/run`), and is DISTRIBUIDOR_ADDR right?")
         })?;
+        Client::over(stream)
+    }
+
+    /// A client over a stream connected already (say, from a chosen address).
+    pub fn over(stream: TcpStream) -> anyhow::Result<Client> {
         stream.set_nodelay(true)?;
         let (reader, writer) = stream.into_split();
         Ok(Client {

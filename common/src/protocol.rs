@@ -121,6 +121,9 @@ pub enum ErrorCode {
     SlowConsumer,
     /// The work queue is at its maximum length: the task was NOT accepted.
     QueueFull,
+    /// The client has its quota of tasks queued or running: the task was
+    /// NOT accepted; the connection stays usable.
+    QuotaExceeded,
 }
 
 impl ErrorCode {
@@ -137,6 +140,7 @@ impl ErrorCode {
             ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::SlowConsumer => "slow_consumer",
             ErrorCode::QueueFull => "queue_full",
+            ErrorCode::QuotaExceeded => "quota_exceeded",
         }
     }
 }

@@ -64,6 +64,14 @@ pub struct Limits {
     /// Seconds to let connections finish their in-progress requests after SIGTERM.
     #[arg(long, env = "TAREAS_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
     pub shutdown_timeout_secs: u64,
+    /// Tasks one client (one peer address) may have queued or running on
+    /// the work queue; beyond it `quota_exceeded`. 0: no limit.
+    #[arg(
+        long,
+        env = "TAREAS_MAX_OUTSTANDING_PER_CLIENT",
+        default_value_t = 1000
+    )]
+    pub max_outstanding_per_client: u64,
     /// Longest `text` of a `hash`, `reverse` or `echo` task, in bytes.
     #[arg(long, env = "TAREAS_MAX_TEXT_BYTES", default_value_t = 65_536)]
     pub max_text_bytes: usize,

@@ -50,8 +50,15 @@ pub async fn serve(
     limits: Limits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    // The client's identity for its quota: its address (no port: one
+    // client, many connections).
+    let peer: Arc<str> = match stream.peer_addr() {
+        Ok(addr) => addr.ip().to_string().into(),
+        Err(_) => "unknown".into(),
+    };
     let (reader, writer) = stream.into_split();
     let mut client = Client::new(id, shared, limits, reader, writer);
+    client.peer = peer;
     let outcome = client.run(&shutdown).await;
     client.close().await;
     outcome
@@ -62,6 +69,8 @@ pub async fn serve(
 struct Client {
     /// This connection, as the router knows it.
     id: ConnectionId,
+    /// Who is connected (its address), as the quota counts it.
+    peer: Arc<str>,
     /// What every connection shares: database, broker, router.
     shared: Arc<Shared>,
     limits: Limits,
@@ -120,6 +129,7 @@ impl Client {
         let (results_tx, results, budget) = result_queue(limits.max_output_bytes);
         Client {
             id,
+            peer: "unknown".into(),
             shared,
             reader,
             buffer: BytesMut::new(),
@@ -277,7 +287,7 @@ impl Client {
         let handling = match frame {
             Frame::Object(bytes) => start_request(
                 &bytes,
-                self.id,
+                (self.id, &self.peer),
                 &self.shared,
                 &self.results_tx,
                 &mut self.unacked,
@@ -421,7 +431,7 @@ fn secs(secs: u64) -> Duration {
 /// Parses one frame and starts handling it.
 fn start_request(
     bytes: &[u8],
-    id: ConnectionId,
+    (id, peer): (ConnectionId, &Arc<str>),
     shared: &Arc<Shared>,
     results: &ResultSender,
     unacked: &mut HashMap<TaskId, Option<Bytes>>,
@@ -454,9 +464,8 @@ fn start_request(
             Err(err) => ready(err.into_reply()),
             Ok(task) => {
                 unacked.insert(task.task_id.clone(), None);
-                let shared = shared.clone();
-                let results = results.clone();
-                Box::pin(async move { shared.submit(task, id, &results).await })
+                let (shared, results, peer) = (shared.clone(), results.clone(), peer.clone());
+                Box::pin(async move { shared.submit(task, id, &peer, &results).await })
             }
         },
     }

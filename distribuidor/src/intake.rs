@@ -28,6 +28,8 @@ pub struct Shared {
     pub extra_task_types: HashSet<String>,
     /// Caps on built-in payloads.
     pub payload_limits: builtin::PayloadLimits,
+    /// Tasks one client may have queued or running.
+    pub quota: crate::quota::Quota,
 }
 
 /// The replies to one request, in order, and the task whose result the
@@ -93,6 +95,7 @@ impl Shared {
         &self,
         task: TaskMessage,
         connection: ConnectionId,
+        client: &str,
         results: &ResultSender,
     ) -> Handled {
         let task_id = task.task_id.clone();
@@ -103,8 +106,8 @@ impl Shared {
             task_id: task_id.clone(),
             status: TaskState::Queued,
         };
-        match self.queue(&task).await {
-            Ok(Queued::Published | Queued::Running) => Handled {
+        match self.queue(&task, client).await {
+            Ok(Queued::Published(_) | Queued::Running) => Handled {
                 replies: vec![ack],
                 subscribed: task.notify.then_some(task_id),
             },
@@ -128,9 +131,31 @@ impl Shared {
 
     /// Records the task, then publishes it if it needs to be: the order
     /// that lets the ack promise both.
-    async fn queue(&self, task: &TaskMessage) -> Result<Queued, Refusal> {
+    async fn queue(&self, task: &TaskMessage, client: &str) -> Result<Queued, Refusal> {
+        match self.quota.admit(&self.db, client).await {
+            Ok(true) => {}
+            Ok(false) => return Err(Refusal::QuotaExceeded(self.quota.limit())),
+            Err(err) => {
+                POSTGRES.failed(&err);
+                return Err(Refusal::Unavailable("PostgreSQL is unavailable"));
+            }
+        }
+        let queued = self.record_and_publish(task, client).await;
+        if !matches!(queued, Ok(Queued::Published(true))) {
+            // No new outstanding task of this client's: its place goes back.
+            self.quota.release(client);
+        }
+        queued
+    }
+
+    async fn record_and_publish(
+        &self,
+        task: &TaskMessage,
+        client: &str,
+    ) -> Result<Queued, Refusal> {
         let started = std::time::Instant::now();
-        let recorded = match self.db.insert_queued(task).await {
+        let recording = self.db.insert_queued_from(task, client, self.quota.queue());
+        let recorded = match recording.await {
             Ok(recorded) => {
                 POSTGRES.succeeded();
                 recorded
@@ -156,13 +181,14 @@ impl Shared {
             // Running: the message that runs it is in RabbitMQ already.
             Submission::Existing(_) => return Ok(Queued::Running),
         };
+        let new_row = matches!(publish, Publish::NewRow(_));
         self.publish(task, publish).await?;
         tracing::debug!(
             insert_ms = inserted.as_secs_f64() * 1e3,
             publish_ms = (started.elapsed() - inserted).as_secs_f64() * 1e3,
             "task queued"
         );
-        Ok(Queued::Published)
+        Ok(Queued::Published(new_row))
     }
 
     /// Publishes a recorded task. A refused publish of a new row removes
@@ -248,8 +274,9 @@ enum Publish {
 /// Where a submitted task stands once the distribuidor is done with it.
 enum Queued {
     /// Recorded and confirmed by RabbitMQ (now or by an earlier submission
-    /// that is republished): ack, and wait for the result.
-    Published,
+    /// that is republished): ack, and wait for the result. `true` for a
+    /// new row (one more outstanding task of its client).
+    Published(bool),
     /// A resubmission of a task that is running: ack, and wait.
     Running,
     /// A resubmission of a finished task: ack, and push what is recorded.
@@ -265,6 +292,8 @@ enum Refusal {
     Unstorable,
     /// The work queue is at `TAREAS_QUEUE_MAX_LENGTH`: `queue_full`.
     QueueFull,
+    /// The client has this many tasks queued or running: `quota_exceeded`.
+    QuotaExceeded(u64),
 }
 
 impl Refusal {
@@ -277,6 +306,14 @@ impl Refusal {
             Refusal::Unstorable => (
                 ErrorCode::InvalidPayload,
                 "the task's data cannot be stored; the task was NOT accepted".to_owned(),
+            ),
+            Refusal::QuotaExceeded(limit) => (
+                ErrorCode::QuotaExceeded,
+                format!(
+                    "this client has {limit} tasks queued or running \
+                     (TAREAS_MAX_OUTSTANDING_PER_CLIENT); the task was NOT accepted, \
+                     retry when some have finished"
+                ),
             ),
             Refusal::QueueFull => (
                 ErrorCode::QueueFull,

@@ -6,6 +6,7 @@
 //! - [`connection`]: one client: framing, pipelining, replies in order, pushed results.
 //! - [`framing`]: splits a byte stream into JSON objects, newline or not.
 //! - [`intake`]: validate, record, publish with confirm, ack; status queries.
+//! - [`quota`]: tasks one client may have queued or running.
 //! - [`broker`]: the RabbitMQ link: confirms, reconnects, this instance's reply queue.
 //! - [`router`]: routes results from the reply queue to the waiting connections.
 //! - [`recovery`]: after a reconnect, pushes results that finished while the link was down.
@@ -15,6 +16,7 @@ pub mod config;
 pub mod connection;
 pub mod framing;
 pub mod intake;
+pub mod quota;
 pub mod recovery;
 pub mod router;
 pub mod server;
@@ -90,6 +92,10 @@ impl Distribuidor {
                 .cloned()
                 .collect::<HashSet<_>>(),
             payload_limits: config.limits.payloads(),
+            quota: quota::Quota::new(
+                config.limits.max_outstanding_per_client,
+                config.broker.queue.clone(),
+            ),
         });
         Ok(Distribuidor {
             shared,

@@ -106,6 +106,7 @@ fn local_values(queue: &str, addr: &str) -> BTreeMap<&'static str, String> {
         "TAREAS_QUEUE_MAX_LENGTH",
         "TAREAS_EXTRA_TASK_TYPES",
         "TAREAS_MAX_MESSAGE_BYTES",
+        "TAREAS_MAX_OUTSTANDING_PER_CLIENT",
         "TAREAS_MAX_IN_FLIGHT",
         "TAREAS_MAX_WAITING_RESULTS",
         "TAREAS_IDLE_TIMEOUT_SECS",

@@ -433,3 +433,51 @@ async fn a_queue_created_unbounded_is_used_as_it_is() {
     let _ = connection.close(200, "done".into()).await;
     deployment.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_past_its_quota_is_refused_and_a_bystander_is_served() {
+    let mut deployment = Deployment::new().await;
+    let mut config = deployment.distribuidor_config();
+    config.limits.max_outstanding_per_client = 5;
+    let distribuidor = deployment.start_distribuidor(config).await;
+    // No worker yet: every acked task stays outstanding.
+    let mut greedy = distribuidor.client().await;
+    for i in 0..8 {
+        let request = Request::Task(task("sleep", json!({"ms": 10 + i})));
+        greedy.send(&request).await.expect("send");
+    }
+    let mut replies = Vec::new();
+    for _ in 0..8 {
+        replies.push(next(&mut greedy).await);
+    }
+    let acked = replies
+        .iter()
+        .filter(|r| matches!(r, Reply::Ack { .. }))
+        .count();
+    let over = replies
+        .iter()
+        .filter(|r| is_error(r, ErrorCode::QuotaExceeded))
+        .count();
+    assert_eq!((acked, over), (5, 3), "{replies:?}");
+    greedy.send(&Request::Ping).await.expect("send");
+    assert_eq!(
+        next(&mut greedy).await,
+        Reply::Pong,
+        "the connection stays usable"
+    );
+
+    // Another client (another address) is not held back by the first's quota.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.2:0".parse().expect("addr"))
+        .expect("bind 127.0.0.2");
+    let stream = socket.connect(distribuidor.addr).await.expect("connect");
+    let mut bystander = cliente::Client::over(stream).expect("client");
+    submit_ok(&mut bystander, task("hash", json!({"text": "mine"}))).await;
+    deployment.start_worker(deployment.worker_config("w-quota", 4));
+    assert_eq!(
+        next_result(&mut bystander).await.status,
+        TaskState::Succeeded
+    );
+    deployment.stop().await;
+}

@@ -6,7 +6,10 @@ use super::{Db, DbError};
 /// The migrations, in order. Each runs once per database, inside one
 /// transaction holding an advisory lock, so processes starting together
 /// do not race.
-const MIGRATIONS: &[(i32, &str)] = &[(1, include_str!("../../migrations/0001_tasks.sql"))];
+const MIGRATIONS: &[(i32, &str)] = &[
+    (1, include_str!("../../migrations/0001_tasks.sql")),
+    (2, include_str!("../../migrations/0002_client_queue.sql")),
+];
 
 /// Key of the advisory lock held while migrating.
 const MIGRATION_LOCK: i64 = 0x7461_7265_6173;

@@ -32,7 +32,6 @@ pub use self::rows::{TaskRecord, TaskRow};
 use self::run::ClaimCall;
 pub use self::run::{Claim, Finish};
 pub use self::submit::{RowVersion, Submission};
-use crate::task::TaskMessage;
 
 /// Most rows in one batched statement.
 const MAX_BATCH: usize = 256;
@@ -96,7 +95,7 @@ impl DbError {
 #[derive(Clone)]
 pub struct Db {
     pool: Pool,
-    submissions: Batcher<TaskMessage, Submission>,
+    submissions: Batcher<submit::SubmitCall, Submission>,
     claims: Batcher<ClaimCall, Claim>,
     finishes: Batcher<Finish, TaskRow>,
 }
@@ -108,8 +107,8 @@ impl Db {
         let pool = pool(url, max_size)?;
         let submissions = {
             let pool = pool.clone();
-            Batcher::spawn(MAX_BATCH, BATCHES_IN_FLIGHT, move |tasks| {
-                submit::insert_queued_batch(pool.clone(), tasks)
+            Batcher::spawn(MAX_BATCH, BATCHES_IN_FLIGHT, move |calls| {
+                submit::insert_queued_batch(pool.clone(), calls)
             })
         };
         let claims = {
@@ -174,8 +173,8 @@ pub(crate) async fn test_db() -> Db {
 
 /// A task message with a fresh id, for tests.
 #[cfg(test)]
-pub(crate) fn test_task(task_type: &str) -> TaskMessage {
-    TaskMessage {
+pub(crate) fn test_task(task_type: &str) -> crate::task::TaskMessage {
+    crate::task::TaskMessage {
         task_id: crate::task::TaskId::generate(),
         task_type: task_type.to_owned(),
         payload: serde_json::json!({"text": "hola"}),

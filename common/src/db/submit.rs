@@ -26,10 +26,56 @@ pub enum Submission {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RowVersion(pub(super) String);
 
+/// A submission as the batch writer takes it: the task, who sent it and
+/// the work queue it is for (both for the per-client quota).
+#[derive(Debug, Clone)]
+pub(super) struct SubmitCall {
+    task: TaskMessage,
+    client: Option<String>,
+    queue: Option<String>,
+}
+
 impl Db {
     /// Records a submitted task as `queued`, unless its id is known already.
     pub async fn insert_queued(&self, task: &TaskMessage) -> Result<Submission, DbError> {
-        self.submissions.call(task.clone()).await
+        self.submissions
+            .call(SubmitCall {
+                task: task.clone(),
+                client: None,
+                queue: None,
+            })
+            .await
+    }
+
+    /// [`Db::insert_queued`] for `client` on work queue `queue`, counted by
+    /// [`Db::outstanding`].
+    pub async fn insert_queued_from(
+        &self,
+        task: &TaskMessage,
+        client: &str,
+        queue: &str,
+    ) -> Result<Submission, DbError> {
+        self.submissions
+            .call(SubmitCall {
+                task: task.clone(),
+                client: Some(client.to_owned()),
+                queue: Some(queue.to_owned()),
+            })
+            .await
+    }
+
+    /// How many of `client`'s tasks of work queue `queue` are queued or running.
+    pub async fn outstanding(&self, client: &str, queue: &str) -> Result<u64, DbError> {
+        let connection = self.pool.get().await?;
+        let count: i64 = connection
+            .query_one(
+                "SELECT count(*) FROM tasks
+                 WHERE client = $1 AND queue = $2 AND state IN ('queued', 'running')",
+                &[&client, &queue],
+            )
+            .await?
+            .try_get(0)?;
+        Ok(u64::try_from(count).unwrap_or(0))
     }
 
     /// The row of `task_id`, if there is one.
@@ -93,24 +139,30 @@ impl Db {
 /// One statement for many submissions; ids already known are looked up.
 pub(super) async fn insert_queued_batch(
     pool: Pool,
-    tasks: Arc<[TaskMessage]>,
+    calls: Arc<[SubmitCall]>,
 ) -> Result<Vec<Result<Submission, DbError>>, DbError> {
     // One transaction: a batch that fails is written again row by row,
     // which is only right if none of it was committed.
     let mut connection = pool.get().await?;
     let client = connection.transaction().await?;
-    let ids: Vec<&str> = tasks.iter().map(|t| t.task_id.as_str()).collect();
-    let types: Vec<&str> = tasks.iter().map(|t| t.task_type.as_str()).collect();
-    let payloads: Vec<&Value> = tasks.iter().map(|t| &t.payload).collect();
+    let ids: Vec<&str> = calls.iter().map(|c| c.task.task_id.as_str()).collect();
+    let types: Vec<&str> = calls.iter().map(|c| c.task.task_type.as_str()).collect();
+    let payloads: Vec<&Value> = calls.iter().map(|c| &c.task.payload).collect();
+    let clients: Vec<Option<&str>> = calls.iter().map(|c| c.client.as_deref()).collect();
+    let queues: Vec<Option<&str>> = calls.iter().map(|c| c.queue.as_deref()).collect();
     let statement = client
         .prepare_cached(
-            "INSERT INTO tasks (task_id, task_type, payload, state)
-             SELECT id, task_type, payload, 'queued' FROM UNNEST($1::text[], $2::text[], $3::jsonb[]) AS u(id, task_type, payload)
+            "INSERT INTO tasks (task_id, task_type, payload, state, client, queue)
+             SELECT id, task_type, payload, 'queued', client, queue
+             FROM UNNEST($1::text[], $2::text[], $3::jsonb[], $4::text[], $5::text[])
+                  AS u(id, task_type, payload, client, queue)
              ON CONFLICT (task_id) DO NOTHING
              RETURNING task_id, xmin::text",
         )
         .await?;
-    let rows = client.query(&statement, &[&ids, &types, &payloads]).await?;
+    let rows = client
+        .query(&statement, &[&ids, &types, &payloads, &clients, &queues])
+        .await?;
     let mut inserted: HashMap<String, String> = rows
         .iter()
         .map(|row| (row.get::<_, String>(0), row.get::<_, String>(1)))
@@ -122,10 +174,9 @@ pub(super) async fn insert_queued_batch(
         .collect();
     let existing = records_by_id(&client, &known).await?;
     client.commit().await?;
-    let answers = tasks
+    let answers = ids
         .iter()
-        .map(|task| {
-            let id = task.task_id.as_str();
+        .map(|&id| {
             // The first call for an id gets the new row; a repeat in the
             // same batch sees it as it is, queued.
             if let Some(version) = inserted.remove(id) {
