@@ -359,6 +359,10 @@ async fn a_task_that_keeps_crashing_its_worker_ends_failed_in_the_dead_letter_qu
                 }
                 () = tokio::time::sleep(Duration::from_millis(100)) => {
                     if db.status(&poison).await.unwrap().unwrap().state.is_terminal() {
+                        // The row is written before the message is rejected
+                        // into the DLQ: stop the worker only once it is there.
+                        let dlq = Topology::new(&deployment.queue).dead_letter_queue();
+                        tareas_integration::wait_for_ready_messages(&dlq, 1).await;
                         let _ = worker.start_kill();
                         break;
                     }
