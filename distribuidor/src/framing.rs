@@ -440,7 +440,7 @@ mod fuzz {
 
     /// Runs `input` through a framer in the given chunk sizes, and through
     /// the request parser, like a connection does.
-    fn run(input: &[u8], chunks: &[usize], max_len: usize) -> Vec<Frame> {
+    pub(super) fn run(input: &[u8], chunks: &[usize], max_len: usize) -> Vec<Frame> {
         let mut framer = Framer::new(max_len);
         let mut buffer = BytesMut::new();
         let mut frames = Vec::new();
@@ -547,20 +547,7 @@ mod oracle {
     }
 
     fn frames(input: &[u8], chunks: &[usize]) -> Vec<Frame> {
-        let mut framer = Framer::new(1 << 16);
-        let mut buffer = BytesMut::new();
-        let mut found = Vec::new();
-        let mut rest = input;
-        let mut sizes = chunks.iter().copied().cycle();
-        while !rest.is_empty() {
-            let size = sizes.next().unwrap_or(1).clamp(1, rest.len());
-            buffer.extend_from_slice(&rest[..size]);
-            rest = &rest[size..];
-            while let Some(frame) = framer.next_frame(&mut buffer) {
-                found.push(frame);
-            }
-        }
-        found
+        super::fuzz::run(input, chunks, 1 << 16)
     }
 
     /// Whether a frame is answered `invalid_json` by the connection.
