@@ -33,6 +33,9 @@ impl S3Error {
     }
 }
 
+/// A result document's bytes, shared rather than copied between retries.
+pub type Document = bytes::Bytes;
+
 /// The result bucket.
 #[derive(Clone)]
 pub struct S3Store {
@@ -116,7 +119,9 @@ impl S3Store {
     }
 
     /// Writes a task's result document.
-    pub async fn put_result(&self, task_id: &str, document: Vec<u8>) -> Result<(), S3Error> {
+    /// `document` is `Bytes`, so a write retried after an outage shares its
+    /// bytes instead of copying them.
+    pub async fn put_result(&self, task_id: &str, document: Document) -> Result<(), S3Error> {
         self.client
             .put_object()
             .bucket(&self.bucket)

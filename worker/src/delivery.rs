@@ -24,7 +24,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions, BasicRejectOptions};
 use lapin::{BasicProperties, Channel};
 use tareas_common::amqp::{self, Envelope, PublishError};
-use tareas_common::backoff::{random_fraction, retry_until_ok, Dependency, POSTGRES, S3};
+use tareas_common::backoff::{random_fraction, retry_until_ok, POSTGRES, S3};
 use tareas_common::db::{Claim, DbError, Finish, TaskRow};
 use tareas_common::task::{TaskMessage, TaskReport, TaskState};
 use tokio::sync::OwnedSemaphorePermit;
@@ -206,8 +206,8 @@ async fn handle(
         }
     };
     let recorded = started.elapsed();
-    let document = row.document();
-    persist(&S3, abandon, || {
+    let document = tareas_common::s3::Document::from(row.document());
+    retry_until_ok(&S3, abandon, || {
         ctx.s3.put_result(task.task_id.as_str(), document.clone())
     })
     .await
@@ -329,7 +329,7 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, DbError>>,
 {
-    let outcome = persist(&POSTGRES, abandon, || {
+    let outcome = retry_until_ok(&POSTGRES, abandon, || {
         let attempt = step();
         async move {
             match attempt.await {
@@ -344,21 +344,6 @@ where
         Some(Ok(value)) => Ok(value),
         Some(Err(err)) => Err(Stopped::Unstorable(err.to_string())),
     }
-}
-
-/// A step against `dependency`, retried with backoff until it succeeds;
-/// `None` once `abandon` fires.
-async fn persist<T, E, F, Fut>(
-    dependency: &Dependency,
-    abandon: &CancellationToken,
-    step: F,
-) -> Option<T>
-where
-    E: std::fmt::Display,
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, E>>,
-{
-    retry_until_ok(dependency, abandon, step).await
 }
 
 fn requeue() -> BasicNackOptions {

@@ -307,6 +307,7 @@ async fn s3(args: &BenchArgs, message: &TaskMessage, count: usize) -> anyhow::Re
         "created_at": "2026-01-01T00:00:00+00:00", "started_at": "2026-01-01T00:00:00+00:00",
         "finished_at": "2026-01-01T00:00:00+00:00",
     }))?;
+    let document = tareas_common::s3::Document::from(document);
     let run = uuid::Uuid::new_v4();
     let started = Instant::now();
     let mut puts = FuturesUnordered::new();

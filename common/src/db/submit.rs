@@ -38,13 +38,7 @@ pub(super) struct SubmitCall {
 impl Db {
     /// Records a submitted task as `queued`, unless its id is known already.
     pub async fn insert_queued(&self, task: &TaskMessage) -> Result<Submission, DbError> {
-        self.submissions
-            .call(SubmitCall {
-                task: task.clone(),
-                client: None,
-                queue: None,
-            })
-            .await
+        self.record(task, None, None).await
     }
 
     /// [`Db::insert_queued`] for `client` on work queue `queue`, counted by
@@ -55,13 +49,21 @@ impl Db {
         client: &str,
         queue: &str,
     ) -> Result<Submission, DbError> {
-        self.submissions
-            .call(SubmitCall {
-                task: task.clone(),
-                client: Some(client.to_owned()),
-                queue: Some(queue.to_owned()),
-            })
-            .await
+        self.record(task, Some(client), Some(queue)).await
+    }
+
+    async fn record(
+        &self,
+        task: &TaskMessage,
+        client: Option<&str>,
+        queue: Option<&str>,
+    ) -> Result<Submission, DbError> {
+        let call = SubmitCall {
+            task: task.clone(),
+            client: client.map(str::to_owned),
+            queue: queue.map(str::to_owned),
+        };
+        self.submissions.call(call).await
     }
 
     /// How many of `client`'s tasks of work queue `queue` are queued or running.
