@@ -67,7 +67,9 @@ async fn execute_in_slot(registry: &Registry, task: &TaskMessage, time_limit: Du
             state: TaskState::Failed,
             result: None,
             retryable: err.kind == ErrorKind::Transient,
-            error: Some(err.message),
+            // PostgreSQL's text holds no NUL: a handler's error with one
+            // could otherwise be stored neither as a retry nor as a failure.
+            error: Some(err.message.replace('\0', "\u{fffd}")),
             duration,
         },
     }
@@ -192,6 +194,14 @@ mod tests {
             payload: json!({}),
             notify: true,
         }
+    }
+
+    #[tokio::test]
+    async fn an_error_text_with_a_nul_can_be_stored() {
+        let mut registry = Registry::new();
+        registry.register_blocking("nul", |_| Err(TaskError::transient("bad\u{0}byte")));
+        let outcome = execute(&registry, &task("nul"), Duration::from_secs(5), slot()).await;
+        assert_eq!(outcome.error.as_deref(), Some("bad\u{fffd}byte"));
     }
 
     #[tokio::test]
