@@ -12,6 +12,12 @@ pub struct Config {
     /// Address to listen on for clients.
     #[arg(long, env = "DISTRIBUIDOR_ADDR", default_value = "0.0.0.0:8888")]
     pub addr: SocketAddr,
+    /// Every connection begins with a PROXY protocol header (v1 or v2, as
+    /// HAProxy's `send-proxy-v2` sends) naming the real client: set it only
+    /// when all clients come through the balancer, never on a port that
+    /// clients reach directly (they could claim any address).
+    #[arg(long, env = "TAREAS_PROXY_PROTOCOL", default_value_t = false, action = clap::ArgAction::Set)]
+    pub proxy_protocol: bool,
     #[command(flatten)]
     pub broker: BrokerArgs,
     #[command(flatten)]
@@ -57,6 +63,11 @@ pub struct Limits {
     /// it `slow_consumer` and close (its results stay available by `status`).
     #[arg(long, env = "TAREAS_MAX_CONNECTION_OUTPUT_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_output_bytes: usize,
+    /// Bytes all connections together may hold (read buffers, requests in
+    /// progress, queued results); when it is full, a connection that holds
+    /// some stops reading, or for a result closes as a slow consumer.
+    #[arg(long, env = "TAREAS_MAX_BUFFERED_BYTES", default_value_t = 512 * 1024 * 1024)]
+    pub max_buffered_bytes: usize,
     /// Seconds one write to a client may take; past it the client is a slow
     /// consumer and the connection closes (also while shutting down).
     #[arg(long, env = "TAREAS_WRITE_TIMEOUT_SECS", default_value_t = 30)]

@@ -7,9 +7,13 @@
 //! most `max_message_bytes` that must arrive within `message_timeout_secs`,
 //! queued results within `max_output_bytes`, and each write within
 //! `write_timeout_secs`. A client past one gets an error reply where it can
-//! still be written, and the connection closes.
+//! still be written, and the connection closes. What it holds (read buffer,
+//! requests in progress, queued results) also counts against the pool all
+//! connections share ([`Memory`](crate::memory::Memory)); with the pool
+//! full, a connection that holds bytes stops reading until some are given
+//! back.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -35,6 +39,11 @@ use crate::router::{result_queue, Budget, ConnectionId, Pushed, ResultSender};
 /// Room made for one read.
 const READ_CHUNK: usize = 8 * 1024;
 
+/// What one request in progress holds beyond its bytes (its handler's
+/// state, the task message), as counted against the shared pool; measured
+/// with `std::mem::size_of_val` on the submission future and rounded up.
+const REQUEST_OVERHEAD: usize = 4 * 1024;
+
 /// How long a closing connection keeps reading (and discarding) what the
 /// client still sends, so that its error line is not lost to a reset.
 const LINGER: Duration = Duration::from_secs(1);
@@ -46,19 +55,16 @@ type Pending = Pin<Box<dyn Future<Output = Handled> + Send>>;
 pub async fn serve(
     stream: TcpStream,
     id: ConnectionId,
+    peer: std::net::SocketAddr,
     shared: Arc<Shared>,
     limits: Limits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    // The client's identity for its quota: its address (no port: one
-    // client, many connections).
-    let peer: Arc<str> = match stream.peer_addr() {
-        Ok(addr) => addr.ip().to_string().into(),
-        Err(_) => "unknown".into(),
-    };
     let (reader, writer) = stream.into_split();
     let mut client = Client::new(id, shared, limits, reader, writer);
-    client.peer = peer;
+    // The client's identity for its quota: its address (no port: one
+    // client, many connections).
+    client.peer = peer.ip().to_string().into();
     let outcome = client.run(&shutdown).await;
     client.close().await;
     outcome
@@ -92,6 +98,12 @@ struct Client {
     unacked: HashMap<TaskId, Option<Bytes>>,
     /// Requests in progress; they finish in any order, replies leave in order.
     pending: FuturesOrdered<Pending>,
+    /// What each request in `pending` holds, in the same order.
+    pending_bytes: VecDeque<usize>,
+    /// Bytes taken from the shared pool: read buffer and requests in progress.
+    held: usize,
+    /// The shared pool had no room for a read: wait until it has.
+    starved: bool,
     /// Still taking requests: false after end of stream, a too-large
     /// message, or shutdown.
     reading: bool,
@@ -111,6 +123,8 @@ enum Event {
     Result(Pushed),
     /// Bytes can be read (or the stream ended, or failed).
     Readable(std::io::Result<()>),
+    /// The shared pool has room again.
+    Freed,
     /// A result did not fit in the output budget.
     Overflow,
     IdleTimeout,
@@ -126,7 +140,8 @@ impl Client {
         reader: OwnedReadHalf,
         writer: OwnedWriteHalf,
     ) -> Client {
-        let (results_tx, results, budget) = result_queue(limits.max_output_bytes);
+        let (results_tx, results, budget) =
+            result_queue(limits.max_output_bytes, shared.memory.clone());
         Client {
             id,
             peer: "unknown".into(),
@@ -141,6 +156,9 @@ impl Client {
             subscribed: HashSet::new(),
             unacked: HashMap::new(),
             pending: FuturesOrdered::new(),
+            pending_bytes: VecDeque::new(),
+            held: 0,
+            starved: false,
             reading: true,
             idle_deadline: Instant::now() + secs(limits.idle_timeout_secs),
             message_deadline: None,
@@ -156,10 +174,18 @@ impl Client {
             if !self.reading && self.pending.is_empty() {
                 return Ok(());
             }
-            let written = match self.next_event(shutdown).await {
-                Event::Handled(handled) => self.write_handled(handled).await,
+            let event = self.next_event(shutdown).await;
+            let written = match event {
+                Event::Handled(handled) => {
+                    self.pending_bytes.pop_front();
+                    self.write_handled(handled).await
+                }
                 Event::Result(pushed) => self.push_result(pushed).await,
                 Event::Readable(ready) => self.read(ready),
+                Event::Freed => {
+                    self.starved = false;
+                    Ok(())
+                }
                 Event::Overflow => {
                     let message = "results waited for this connection past its output limit \
                                    (TAREAS_MAX_CONNECTION_OUTPUT_BYTES); read your replies; \
@@ -185,6 +211,7 @@ impl Client {
                     Ok(())
                 }
             };
+            self.settle_memory();
             match written {
                 Err(err) if err.kind() == std::io::ErrorKind::TimedOut => {
                     let message = "a write to this connection did not finish within \
@@ -199,26 +226,29 @@ impl Client {
 
     async fn next_event(&mut self, shutdown: &CancellationToken) -> Event {
         // Read only with room for more: backpressure, not buffering.
-        let read = self.reading && self.has_room();
+        let read = self.reading && self.has_room() && !self.starved;
         let idle = self.reading && self.pending.is_empty() && self.subscribed.is_empty();
-        if !read {
-            // Not reading (no room): the message cannot arrive meanwhile,
-            // so its time starts again when reading does.
+        if !self.has_room() {
+            // Not reading (requests in progress): the message cannot arrive
+            // meanwhile, so its time starts again when reading does. A
+            // connection starved of memory gets no such grace: it holds
+            // bytes others may need.
             if let Some(deadline) = self.message_deadline.as_mut() {
                 let renewed = Instant::now() + secs(self.limits.message_timeout_secs);
                 *deadline = (*deadline).max(renewed);
             }
         }
         let message_deadline = self.message_deadline;
-        let budget = self.budget.clone();
+        let (budget, memory) = (self.budget.clone(), self.shared.memory.clone());
         tokio::select! {
             Some(handled) = self.pending.next(), if !self.pending.is_empty() => Event::Handled(handled),
             Some(pushed) = self.results.recv() => Event::Result(pushed),
             ready = self.reader.readable(), if read => Event::Readable(ready),
+            () = memory.freed(READ_CHUNK), if self.reading && self.starved => Event::Freed,
             () = budget.overflowed() => Event::Overflow,
             () = sleep_until(self.idle_deadline), if idle => Event::IdleTimeout,
             () = sleep_until(message_deadline.unwrap_or_else(Instant::now)),
-                if read && message_deadline.is_some() => Event::MessageTimeout,
+                if self.reading && self.has_room() && message_deadline.is_some() => Event::MessageTimeout,
             () = shutdown.cancelled(), if self.reading => Event::Shutdown,
         }
     }
@@ -228,6 +258,11 @@ impl Client {
     fn read(&mut self, ready: std::io::Result<()>) -> std::io::Result<()> {
         ready?;
         if self.buffer.capacity() - self.buffer.len() < READ_CHUNK / 2 {
+            if !self.shared.memory.take(READ_CHUNK, self.held) {
+                self.starved = true;
+                return Ok(());
+            }
+            self.held += READ_CHUNK;
             self.buffer.reserve(READ_CHUNK);
         }
         let read = match self.reader.try_read_buf(&mut self.buffer) {
@@ -275,6 +310,18 @@ impl Client {
         Ok(started)
     }
 
+    /// Brings the bytes taken from the shared pool in line with what this
+    /// connection holds: its read buffer and its requests in progress.
+    fn settle_memory(&mut self) {
+        let holds = self.buffer.capacity() + self.pending_bytes.iter().sum::<usize>();
+        if holds > self.held {
+            self.shared.memory.charge(holds - self.held);
+        } else {
+            self.shared.memory.release(self.held - holds);
+        }
+        self.held = holds;
+    }
+
     /// Few enough requests in progress, and few enough tasks waiting for
     /// their results.
     fn has_room(&self) -> bool {
@@ -284,6 +331,13 @@ impl Client {
 
     /// Starts handling one frame; its replies are written when it is done.
     fn start(&mut self, frame: Frame) {
+        // A request in progress holds its parsed form and its handler's
+        // state besides its bytes.
+        let bytes = match &frame {
+            Frame::Object(bytes) => REQUEST_OVERHEAD + 2 * bytes.len(),
+            _ => 0,
+        };
+        self.pending_bytes.push_back(bytes);
         let handling = match frame {
             Frame::Object(bytes) => start_request(
                 &bytes,
@@ -385,6 +439,10 @@ impl Client {
     /// Tells the client why the connection ends, where it can still be
     /// written (a short deadline: the client may not be reading at all).
     async fn close_with(&mut self, code: ErrorCode, message: &str) -> std::io::Result<()> {
+        tracing::info!(
+            code = code.as_str(),
+            "closing the connection after an error reply"
+        );
         self.reading = false;
         self.closing_on_error = true;
         let line = Reply::error(code, message.to_owned(), None).to_line();
@@ -409,6 +467,7 @@ impl Client {
         for task_id in self.subscribed.iter().chain(self.unacked.keys()) {
             self.shared.router.unsubscribe(task_id, self.id);
         }
+        self.shared.memory.release(std::mem::take(&mut self.held));
         let _ = tokio::time::timeout(LINGER, self.writer.shutdown()).await;
         if self.closing_on_error {
             let mut sink = [0u8; 4096];

@@ -30,6 +30,8 @@ pub struct Shared {
     pub payload_limits: builtin::PayloadLimits,
     /// Tasks one client may have queued or running.
     pub quota: crate::quota::Quota,
+    /// The bytes all connections together may hold.
+    pub memory: Arc<crate::memory::Memory>,
 }
 
 /// The replies to one request, in order, and the task whose result the

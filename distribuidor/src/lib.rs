@@ -16,6 +16,8 @@ pub mod config;
 pub mod connection;
 pub mod framing;
 pub mod intake;
+pub mod memory;
+pub mod proxy;
 pub mod quota;
 pub mod recovery;
 pub mod router;
@@ -96,6 +98,7 @@ impl Distribuidor {
                 config.limits.max_outstanding_per_client,
                 config.broker.queue.clone(),
             ),
+            memory: Arc::new(memory::Memory::new(config.limits.max_buffered_bytes)),
         });
         Ok(Distribuidor {
             shared,
@@ -116,7 +119,15 @@ impl Distribuidor {
     /// Serves clients on `listener` until `shutdown`, then drains, then
     /// closes the RabbitMQ link.
     pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) {
-        server::run(listener, self.shared, self.config.limits, shutdown).await;
+        let proxy_protocol = self.config.proxy_protocol;
+        server::run(
+            listener,
+            self.shared,
+            self.config.limits,
+            proxy_protocol,
+            shutdown,
+        )
+        .await;
         self.broker_stop.cancel();
         // Closing waits for RabbitMQ at most a few seconds per step; the
         // process must not exit halfway, leaving its reply queue behind.

@@ -8,7 +8,10 @@
 //! is not queued: the connection is marked a slow consumer and closes with
 //! `slow_consumer`, so one client that does not read cannot make the
 //! distribuidor hold its results, and none is dropped without a word (every
-//! result stays available through `status`).
+//! result stays available through `status`). The bytes also count
+//! against the pool all connections share ([`Memory`]): when it is full, a
+//! connection that already holds results is closed the same way, while one
+//! that holds none (a client that reads) still gets its next result.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -18,6 +21,8 @@ use bytes::Bytes;
 use tareas_common::protocol::Reply;
 use tareas_common::task::{TaskId, TaskReport};
 use tokio::sync::{mpsc, Notify};
+
+use crate::memory::Memory;
 
 /// Identifies one client connection.
 pub type ConnectionId = u64;
@@ -44,12 +49,15 @@ pub struct Budget {
     /// A push did not fit: the connection must close as a slow consumer.
     overflowed: AtomicBool,
     overflow: Notify,
+    /// The pool the bytes also count against.
+    memory: Arc<Memory>,
 }
 
 impl Budget {
     /// A result of `bytes` was written (or dropped with the connection).
     pub fn release(&self, bytes: usize) {
         self.queued.fetch_sub(bytes, Ordering::Relaxed);
+        self.memory.release(bytes);
     }
 
     /// Waits until a push did not fit.
@@ -65,7 +73,7 @@ impl Budget {
 
     fn take(&self, bytes: usize) -> bool {
         let before = self.queued.fetch_add(bytes, Ordering::Relaxed);
-        if before + bytes > self.max {
+        if before + bytes > self.max || !self.memory.take(bytes, before) {
             self.queued.fetch_sub(bytes, Ordering::Relaxed);
             self.overflowed.store(true, Ordering::Release);
             self.overflow.notify_waiters();
@@ -75,9 +83,17 @@ impl Budget {
     }
 }
 
+impl Drop for Budget {
+    /// Results still queued are dropped with the connection's queue.
+    fn drop(&mut self) {
+        self.memory.release(*self.queued.get_mut());
+    }
+}
+
 /// A connection's end of its result queue: the receiver and its budget.
 pub fn result_queue(
     max_bytes: usize,
+    memory: Arc<Memory>,
 ) -> (ResultSender, mpsc::UnboundedReceiver<Pushed>, Arc<Budget>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let budget = Arc::new(Budget {
@@ -85,6 +101,7 @@ pub fn result_queue(
         max: max_bytes,
         overflowed: AtomicBool::new(false),
         overflow: Notify::new(),
+        memory,
     });
     let sender = ResultSender {
         tx,
@@ -220,8 +237,9 @@ mod tests {
     fn delivers_once_to_each_subscriber() {
         let router = Router::new();
         let id = TaskId::generate();
-        let (a, mut a_rx, _) = result_queue(1 << 20);
-        let (b, mut b_rx, _) = result_queue(1 << 20);
+        let memory = Arc::new(Memory::new(1 << 20));
+        let (a, mut a_rx, _) = result_queue(1 << 20, memory.clone());
+        let (b, mut b_rx, _) = result_queue(1 << 20, memory);
         router.subscribe(&id, 1, &a);
         router.subscribe(&id, 1, &a);
         router.subscribe(&id, 2, &b);
@@ -238,7 +256,8 @@ mod tests {
         let line_len = Reply::Result(report(&TaskId::parse("a").unwrap()))
             .to_line()
             .len();
-        let (tx, mut rx, budget) = result_queue(line_len + line_len / 2);
+        let memory = Arc::new(Memory::new(1 << 20));
+        let (tx, mut rx, budget) = result_queue(line_len + line_len / 2, memory.clone());
         let first = TaskId::parse("a").unwrap();
         let second = TaskId::parse("b").unwrap();
         router.subscribe(&first, 1, &tx);
@@ -249,9 +268,42 @@ mod tests {
             .await
             .expect("the connection learns it overflowed");
         let pushed = rx.try_recv().expect("the first is queued");
+        assert_eq!(memory.used(), line_len);
         budget.release(pushed.line.len());
+        assert_eq!(memory.used(), 0);
         router.subscribe(&first, 1, &tx);
         router.unsubscribe(&first, 1);
         assert!(router.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_full_pool_closes_a_holder_and_still_serves_a_reader() {
+        let router = Router::new();
+        let ids: Vec<TaskId> = ["a", "b", "c"].map(|id| TaskId::parse(id).unwrap()).into();
+        let line_len = Reply::Result(report(&ids[0])).to_line().len();
+        // Room in the pool for one line; each connection could hold ten.
+        let memory = Arc::new(Memory::new(line_len));
+        let (holder, _holder_rx, holder_budget) = result_queue(10 * line_len, memory.clone());
+        let (reader, mut reader_rx, _) = result_queue(10 * line_len, memory.clone());
+        router.subscribe(&ids[0], 1, &holder);
+        router.subscribe(&ids[1], 1, &holder);
+        router.subscribe(&ids[2], 2, &reader);
+        assert_eq!(router.deliver(report(&ids[0])), 1, "fits in the pool");
+        assert_eq!(router.deliver(report(&ids[1])), 0, "the pool is full");
+        tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            holder_budget.overflowed(),
+        )
+        .await
+        .expect("the holder closes as a slow consumer");
+        assert_eq!(
+            router.deliver(report(&ids[2])),
+            1,
+            "the reader holds nothing"
+        );
+        assert!(reader_rx.try_recv().is_ok());
+        assert_eq!(memory.used(), 2 * line_len, "neither line is written yet");
+        drop((holder, holder_budget, reader));
+        assert_eq!(memory.used(), 0, "closed connections give their bytes back");
     }
 }

@@ -1,7 +1,9 @@
 //! The accept loop: caps connections, spawns one [`connection::serve`] per
-//! client, and on shutdown stops accepting and waits (within a limit) for
-//! the connections to finish their in-progress requests.
+//! client (after its PROXY header, when the balancer sends one), and on
+//! shutdown stops accepting and waits (within a limit) for the connections
+//! to finish their in-progress requests.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,12 +20,16 @@ use tracing::Instrument;
 use crate::config::Limits;
 use crate::connection;
 use crate::intake::Shared;
+use crate::proxy;
 
 /// Accepts clients on `listener` until `shutdown` fires, then drains.
+/// With `proxy_protocol`, each connection must begin with a PROXY header,
+/// and the address it states is the client's.
 pub async fn run(
     listener: TcpListener,
     shared: Arc<Shared>,
     limits: Limits,
+    proxy_protocol: bool,
     shutdown: CancellationToken,
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
@@ -35,7 +41,7 @@ pub async fn run(
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
-        let (stream, peer) = match accepted {
+        let (mut stream, peer) = match accepted {
             Ok(accepted) => {
                 backoff.reset();
                 accepted
@@ -56,16 +62,23 @@ pub async fn run(
         let shared = shared.clone();
         let limits = limits.clone();
         let shutdown = shutdown.clone();
-        // One span per client: every line logged while serving it says which.
-        let span = tracing::info_span!("connection", id, %peer);
-        let serving = async move {
-            tracing::debug!("client connected");
-            if let Err(err) = connection::serve(stream, id, shared, limits, shutdown).await {
-                tracing::debug!(cause = %err, "client connection ended with an error");
-            }
+        tracker.spawn(async move {
+            let Some(peer) = client_address(&mut stream, peer, proxy_protocol, &limits).await
+            else {
+                return;
+            };
+            // One span per client: every line logged while serving it says which.
+            let span = tracing::info_span!("connection", id, %peer);
+            let serving = async move {
+                tracing::debug!("client connected");
+                let served = connection::serve(stream, id, peer, shared, limits, shutdown).await;
+                if let Err(err) = served {
+                    tracing::debug!(cause = %err, "client connection ended with an error");
+                }
+            };
+            serving.instrument(span).await;
             drop(permit);
-        };
-        tracker.spawn(serving.instrument(span));
+        });
     }
     tracker.close();
     let limit = Duration::from_secs(limits.shutdown_timeout_secs);
@@ -75,6 +88,35 @@ pub async fn run(
             "connections still open after the shutdown limit; closing them"
         );
     }
+}
+
+/// Who is connected: the socket's peer, or behind a balancer the client its
+/// PROXY header names. `None`: no usable header in time; the connection is
+/// told so and closed.
+async fn client_address(
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    proxy_protocol: bool,
+    limits: &Limits,
+) -> Option<SocketAddr> {
+    if !proxy_protocol {
+        return Some(peer);
+    }
+    let limit = Duration::from_secs(limits.message_timeout_secs);
+    let error = match tokio::time::timeout(limit, proxy::read_header(stream)).await {
+        Ok(Ok(client)) => return Some(client.unwrap_or(peer)),
+        Ok(Err(err)) => err.to_string(),
+        Err(_) => "no PROXY protocol header in time".to_owned(),
+    };
+    tracing::debug!(%peer, cause = %error, "refusing a connection without a PROXY header");
+    let reply = Reply::error(
+        ErrorCode::InvalidRequest,
+        format!("{error}: this port takes connections from the load balancer only (TAREAS_PROXY_PROTOCOL=true)"),
+        None,
+    );
+    let _ = tokio::time::timeout(limit, stream.write_all(&reply.to_line())).await;
+    let _ = stream.shutdown().await;
+    None
 }
 
 async fn refuse(mut stream: TcpStream, max: usize) {

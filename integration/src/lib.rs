@@ -392,6 +392,16 @@ impl DistribuidorProcess {
     /// Starts `target/debug/distribuidor` on `queue` with `env` on top of
     /// the defaults, and waits until it is ready (RabbitMQ and PostgreSQL up).
     pub async fn start(queue: &str, env: &[(&str, &str)]) -> DistribuidorProcess {
+        DistribuidorProcess::start_with_probe(queue, env, None).await
+    }
+
+    /// As [`DistribuidorProcess::start`]; the readiness probe sends
+    /// `preamble` first (a PROXY header, when the process expects one).
+    pub async fn start_with_probe(
+        queue: &str,
+        env: &[(&str, &str)],
+        preamble: Option<Vec<u8>>,
+    ) -> DistribuidorProcess {
         let addr = {
             let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
             probe.local_addr().expect("addr").to_string()
@@ -413,6 +423,9 @@ impl DistribuidorProcess {
         let deadline = tokio::time::Instant::now() + LIMIT;
         loop {
             if let Ok(mut client) = Client::connect(&process.addr).await {
+                if let Some(preamble) = &preamble {
+                    client.send_raw(preamble).await.expect("send");
+                }
                 client.send(&Request::Health).await.expect("send");
                 if let Ok(Reply::Health { ready: true, .. }) = client.recv_within(LIMIT).await {
                     return process;
@@ -436,6 +449,41 @@ impl DistribuidorProcess {
     /// What it has logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).expect("read the distribuidor's log")
+    }
+
+    /// Waits (at most `within`) until its log holds `count` lines containing `text`.
+    pub async fn wait_for_log(&self, text: &str, count: usize, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let found = self.log().lines().filter(|l| l.contains(text)).count();
+            if found >= count {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the distribuidor logged {found} of {count} lines with {text:?}; see {}",
+                self.log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The most memory it has had resident (`VmHWM`), in bytes.
+    pub fn peak_resident_bytes(&self) -> u64 {
+        let pid = self.child.id().expect("the distribuidor is running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+        let kib = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|rest| {
+                rest.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .expect("VmHWM in /proc/<pid>/status");
+        kib * 1024
     }
 
     /// Stops it the way compose does (SIGTERM) and waits for it to exit.

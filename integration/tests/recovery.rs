@@ -39,7 +39,10 @@ async fn a_sweep_pushes_finished_tasks_and_keeps_waiting_for_the_rest() {
     .expect("finish");
 
     let router = Router::new();
-    let (sender, mut pushed, _budget) = router::result_queue(1 << 20);
+    let (sender, mut pushed, _budget) = router::result_queue(
+        1 << 20,
+        std::sync::Arc::new(tareas_distribuidor::memory::Memory::new(1 << 20)),
+    );
     router.subscribe(&finished.task_id, 1, &sender);
     router.subscribe(&queued.task_id, 1, &sender);
     let count = recovery::sweep(&router, &db, &CancellationToken::new()).await;
