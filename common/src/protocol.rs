@@ -124,6 +124,10 @@ pub enum ErrorCode {
     /// The client has its quota of tasks queued or running: the task was
     /// NOT accepted; the connection stays usable.
     QuotaExceeded,
+    /// The outcome of the submission is unknown (a confirm that timed out,
+    /// a link lost after the publish went out): the task may or may not
+    /// run. Resubmitting the same `task_id` is safe.
+    Uncertain,
 }
 
 impl ErrorCode {
@@ -141,6 +145,7 @@ impl ErrorCode {
             ErrorCode::SlowConsumer => "slow_consumer",
             ErrorCode::QueueFull => "queue_full",
             ErrorCode::QuotaExceeded => "quota_exceeded",
+            ErrorCode::Uncertain => "uncertain",
         }
     }
 }

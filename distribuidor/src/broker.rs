@@ -59,6 +59,7 @@ impl Broker {
         amqp_url: String,
         topology: Topology,
         router: Arc<Router>,
+        instance: String,
         shutdown: CancellationToken,
     ) -> (Broker, tokio::task::JoinHandle<()>) {
         let (tx, rx) = watch::channel(None);
@@ -67,7 +68,7 @@ impl Broker {
         let link = Link {
             amqp_url,
             topology: topology.clone(),
-            instance: uuid::Uuid::new_v4().simple().to_string(),
+            instance,
         };
         let supervisor = tokio::spawn(supervise(link, router, tx, connects_tx, shutdown));
         let broker = Broker {

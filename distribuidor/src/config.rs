@@ -29,6 +29,11 @@ pub struct Config {
     /// validated by the worker, not here.
     #[arg(long, env = "TAREAS_EXTRA_TASK_TYPES", value_delimiter = ',')]
     pub extra_task_types: Vec<String>,
+    /// Seconds after which a recorded task whose publish was never
+    /// confirmed (its distribuidor died, or the outcome was unknown) is
+    /// published by the outbox relay.
+    #[arg(long, env = "TAREAS_ORPHAN_AFTER_SECS", default_value_t = 30)]
+    pub orphan_after_secs: u64,
     #[command(flatten)]
     pub log: LogArgs,
 }

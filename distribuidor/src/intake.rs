@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use tareas_common::builtin::{self, PayloadError};
-use tareas_common::db::{Db, RowVersion, Submission, TaskRecord};
+use tareas_common::db::{Db, Origin, RowVersion, Submission, TaskRecord};
 use tareas_common::protocol::{ErrorCode, Reply, RequestError, StatusState, TaskRequest};
 use tareas_common::task::{TaskId, TaskMessage, TaskReport, TaskState};
 
@@ -32,6 +32,8 @@ pub struct Shared {
     pub quota: crate::quota::Quota,
     /// The bytes all connections together may hold.
     pub memory: Arc<crate::memory::Memory>,
+    /// This process, as the rows it records name their owner.
+    pub instance: String,
 }
 
 /// The replies to one request, in order, and the task whose result the
@@ -156,7 +158,12 @@ impl Shared {
         client: &str,
     ) -> Result<Queued, Refusal> {
         let started = std::time::Instant::now();
-        let recording = self.db.insert_queued_from(task, client, self.quota.queue());
+        let origin = Origin {
+            client: client.to_owned(),
+            queue: self.quota.queue().to_owned(),
+            owner: self.instance.clone(),
+        };
+        let recording = self.db.insert_queued_from(task, origin);
         let recorded = match recording.await {
             Ok(recorded) => {
                 POSTGRES.succeeded();
@@ -200,11 +207,17 @@ impl Shared {
         let task_id = task.task_id.as_str();
         if let Err(err) = self.broker.publish(task).await {
             if !matches!(err, PublishError::Disconnected) {
-                tracing::warn!(cause = %err, "publish failed; the client gets `unavailable`");
+                tracing::warn!(cause = %err, "publish failed; the client is told");
             }
-            if let (Publish::NewRow(version), true) = (&publish, err.certainly_not_queued()) {
+            if let Publish::NewRow(version) = &publish {
+                // A refusal promises the task will NOT run: its row must go
+                // first, or the outbox relay would publish it later.
+                if !err.certainly_not_queued() {
+                    return Err(Refusal::Uncertain);
+                }
                 if let Err(err) = self.db.forget_unpublished(task_id, version).await {
                     tracing::debug!(cause = %err, "could not remove the unpublished row");
+                    return Err(Refusal::Uncertain);
                 }
             }
             if matches!(err, PublishError::Nacked) && self.broker.queue_is_full().await {
@@ -212,6 +225,10 @@ impl Shared {
             }
             return Err(Refusal::Unavailable(err.client_message()));
         }
+        // Best effort, off the ack's path: a row left unmarked is only
+        // published once more by the relay.
+        let (db, id) = (self.db.clone(), task.task_id.clone());
+        tokio::spawn(async move { db.mark_published(&id).await });
         if let Publish::QueuedAgain = publish {
             if let Err(err) = self.db.keep_queued(task).await {
                 tracing::debug!(cause = %err, "could not keep the queued row");
@@ -296,6 +313,8 @@ enum Refusal {
     QueueFull,
     /// The client has this many tasks queued or running: `quota_exceeded`.
     QuotaExceeded(u64),
+    /// The publish may or may not have reached the queue: `uncertain`.
+    Uncertain,
 }
 
 impl Refusal {
@@ -316,6 +335,12 @@ impl Refusal {
                      (TAREAS_MAX_OUTSTANDING_PER_CLIENT); the task was NOT accepted, \
                      retry when some have finished"
                 ),
+            ),
+            Refusal::Uncertain => (
+                ErrorCode::Uncertain,
+                "RabbitMQ's answer was lost; the task may or may not run. Resubmitting the \
+                 same task_id is safe"
+                    .to_owned(),
             ),
             Refusal::QueueFull => (
                 ErrorCode::QueueFull,

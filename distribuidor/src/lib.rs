@@ -20,6 +20,7 @@ pub mod memory;
 pub mod proxy;
 pub mod quota;
 pub mod recovery;
+pub mod relay;
 pub mod router;
 pub mod server;
 
@@ -55,6 +56,9 @@ impl Distribuidor {
     pub fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Distribuidor> {
         let db = Db::new(&config.database.database_url, config.limits.db_pool_size)?;
         let router = Arc::new(Router::new());
+        // Names this process: its reply queue, its RabbitMQ connection, and
+        // the rows it records (for the outbox relay).
+        let instance = uuid::Uuid::new_v4().simple().to_string();
         // The broker link outlives the shutdown signal: requests in progress
         // when it fires still need their publishes confirmed. `serve` closes
         // it after the last connection has drained.
@@ -63,8 +67,19 @@ impl Distribuidor {
             config.broker.amqp_url.clone(),
             Topology::from_args(&config.broker),
             router.clone(),
+            instance.clone(),
             broker_stop.clone(),
         );
+        tokio::spawn(relay::run(
+            relay::Relay {
+                db: db.clone(),
+                broker: broker.clone(),
+                instance: instance.clone(),
+                queue: config.broker.queue.clone(),
+                orphan_after: std::time::Duration::from_secs(config.orphan_after_secs),
+            },
+            broker_stop.clone(),
+        ));
         tokio::spawn(recovery::run(
             broker.clone(),
             router.clone(),
@@ -99,6 +114,7 @@ impl Distribuidor {
                 config.broker.queue.clone(),
             ),
             memory: Arc::new(memory::Memory::new(config.limits.max_buffered_bytes)),
+            instance,
         });
         Ok(Distribuidor {
             shared,

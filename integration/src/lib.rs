@@ -486,6 +486,12 @@ impl DistribuidorProcess {
         kib * 1024
     }
 
+    /// Kills it (SIGKILL): no drain, nothing finished; a crash.
+    pub async fn kill(mut self) {
+        self.child.kill().await.expect("kill the distribuidor");
+        let _ = std::fs::remove_file(&self.log);
+    }
+
     /// Stops it the way compose does (SIGTERM) and waits for it to exit.
     pub async fn stop(mut self) {
         if let Some(pid) = self.child.id() {

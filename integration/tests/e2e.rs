@@ -5,6 +5,7 @@
 
 mod bad_input;
 mod bench_smoke;
+mod crash;
 mod deployment;
 mod hostile;
 mod limits;

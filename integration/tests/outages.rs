@@ -33,7 +33,9 @@ async fn submit_until_acked(distribuidor: &RunningDistribuidor, request: TaskReq
             .expect("send");
         match next(&mut client).await {
             Reply::Ack { task_id, .. } => return task_id.to_string(),
-            Reply::Error(error) if error.code == ErrorCode::Unavailable => {}
+            // Refused, or unknown while a dependency went away: try again.
+            Reply::Error(error)
+                if matches!(error.code, ErrorCode::Unavailable | ErrorCode::Uncertain) => {}
             other => panic!("unexpected {other:?}"),
         }
         assert!(

@@ -354,8 +354,9 @@ fn record_result(
     }
 }
 
-/// Counts an error reply; an `unavailable` task is sent again after a
-/// moment when retrying is on. Returns whether it will be sent again.
+/// Counts an error reply; an `unavailable` or `uncertain` task is sent
+/// again (same id: safe either way) after a moment when retrying is on.
+/// Returns whether it will be sent again.
 fn record_error(
     error: tareas_common::protocol::ErrorReply,
     retry_unavailable: Option<&tokio::sync::mpsc::UnboundedSender<String>>,
@@ -368,7 +369,11 @@ fn record_error(
         .or_default() += 1;
     let id = error.task_id.unwrap_or_default();
     lock(pending).sent_at.remove(&id);
-    let unavailable = error.code == tareas_common::protocol::ErrorCode::Unavailable;
+    let unavailable = matches!(
+        error.code,
+        tareas_common::protocol::ErrorCode::Unavailable
+            | tareas_common::protocol::ErrorCode::Uncertain
+    );
     let (Some(resend), true, false) = (retry_unavailable, unavailable, id.is_empty()) else {
         return false;
     };

@@ -4,6 +4,7 @@
 //! - `migrate`: the schema, applied at start-up by every process.
 //! - `submit`: the distribuidor's statements (record a submission, status).
 //! - `run`: the worker's statements (claim, retry, release, finish).
+//! - `outbox`: the distribuidor's relay of rows whose publish was never confirmed.
 //! - `admin`: the operator's (`cliente dlq replay`).
 //! - `rows`: the typed rows they return.
 //! - `batch`: the group-commit writer behind the hot writes.
@@ -17,6 +18,7 @@
 mod admin;
 mod batch;
 mod migrate;
+mod outbox;
 mod rows;
 mod run;
 mod submit;
@@ -28,10 +30,11 @@ use deadpool_postgres::{ManagerConfig, Pool, PoolConfig, RecyclingMethod, Runtim
 use tokio_postgres::NoTls;
 
 use self::batch::Batcher;
+pub use self::outbox::{Orphans, OWNER_ALIVE};
 pub use self::rows::{TaskRecord, TaskRow};
 use self::run::ClaimCall;
 pub use self::run::{Claim, Finish};
-pub use self::submit::{RowVersion, Submission};
+pub use self::submit::{Origin, RowVersion, Submission};
 
 /// Most rows in one batched statement.
 const MAX_BATCH: usize = 256;
@@ -98,6 +101,7 @@ pub struct Db {
     submissions: Batcher<submit::SubmitCall, Submission>,
     claims: Batcher<ClaimCall, Claim>,
     finishes: Batcher<Finish, TaskRow>,
+    published: Batcher<String, ()>,
 }
 
 impl Db {
@@ -123,11 +127,18 @@ impl Db {
                 run::finish_batch(pool.clone(), finishes)
             })
         };
+        let published = {
+            let pool = pool.clone();
+            Batcher::spawn(MAX_BATCH, BATCHES_IN_FLIGHT, move |ids| {
+                outbox::mark_published_batch(pool.clone(), ids)
+            })
+        };
         Ok(Db {
             pool,
             submissions,
             claims,
             finishes,
+            published,
         })
     }
 

@@ -26,42 +26,47 @@ pub enum Submission {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RowVersion(pub(super) String);
 
-/// A submission as the batch writer takes it: the task, who sent it and
-/// the work queue it is for (both for the per-client quota).
+/// Where a submission comes from: who sent it and the work queue it is for
+/// (both for the per-client quota), and the distribuidor that records it
+/// (for the outbox relay).
+#[derive(Debug, Clone)]
+pub struct Origin {
+    pub client: String,
+    pub queue: String,
+    pub owner: String,
+}
+
+/// A submission as the batch writer takes it.
 #[derive(Debug, Clone)]
 pub(super) struct SubmitCall {
     task: TaskMessage,
-    client: Option<String>,
-    queue: Option<String>,
+    origin: Option<Origin>,
 }
 
 impl Db {
     /// Records a submitted task as `queued`, unless its id is known already.
     pub async fn insert_queued(&self, task: &TaskMessage) -> Result<Submission, DbError> {
-        self.record(task, None, None).await
+        self.record(task, None).await
     }
 
-    /// [`Db::insert_queued`] for `client` on work queue `queue`, counted by
-    /// [`Db::outstanding`].
+    /// [`Db::insert_queued`] from `origin`: counted by [`Db::outstanding`],
+    /// relayed by [`Db::relay_orphans`] if its publish is never confirmed.
     pub async fn insert_queued_from(
         &self,
         task: &TaskMessage,
-        client: &str,
-        queue: &str,
+        origin: Origin,
     ) -> Result<Submission, DbError> {
-        self.record(task, Some(client), Some(queue)).await
+        self.record(task, Some(origin)).await
     }
 
     async fn record(
         &self,
         task: &TaskMessage,
-        client: Option<&str>,
-        queue: Option<&str>,
+        origin: Option<Origin>,
     ) -> Result<Submission, DbError> {
         let call = SubmitCall {
             task: task.clone(),
-            client: client.map(str::to_owned),
-            queue: queue.map(str::to_owned),
+            origin,
         };
         self.submissions.call(call).await
     }
@@ -150,20 +155,27 @@ pub(super) async fn insert_queued_batch(
     let ids: Vec<&str> = calls.iter().map(|c| c.task.task_id.as_str()).collect();
     let types: Vec<&str> = calls.iter().map(|c| c.task.task_type.as_str()).collect();
     let payloads: Vec<&Value> = calls.iter().map(|c| &c.task.payload).collect();
-    let clients: Vec<Option<&str>> = calls.iter().map(|c| c.client.as_deref()).collect();
-    let queues: Vec<Option<&str>> = calls.iter().map(|c| c.queue.as_deref()).collect();
+    let origin = |field: fn(&Origin) -> &str| -> Vec<Option<&str>> {
+        calls.iter().map(|c| c.origin.as_ref().map(field)).collect()
+    };
+    let clients = origin(|o| &o.client);
+    let queues = origin(|o| &o.queue);
+    let owners = origin(|o| &o.owner);
     let statement = client
         .prepare_cached(
-            "INSERT INTO tasks (task_id, task_type, payload, state, client, queue)
-             SELECT id, task_type, payload, 'queued', client, queue
-             FROM UNNEST($1::text[], $2::text[], $3::jsonb[], $4::text[], $5::text[])
-                  AS u(id, task_type, payload, client, queue)
+            "INSERT INTO tasks (task_id, task_type, payload, state, client, queue, owner)
+             SELECT id, task_type, payload, 'queued', client, queue, owner
+             FROM UNNEST($1::text[], $2::text[], $3::jsonb[], $4::text[], $5::text[], $6::text[])
+                  AS u(id, task_type, payload, client, queue, owner)
              ON CONFLICT (task_id) DO NOTHING
              RETURNING task_id, xmin::text",
         )
         .await?;
     let rows = client
-        .query(&statement, &[&ids, &types, &payloads, &clients, &queues])
+        .query(
+            &statement,
+            &[&ids, &types, &payloads, &clients, &queues, &owners],
+        )
         .await?;
     let mut inserted: HashMap<String, String> = rows
         .iter()
