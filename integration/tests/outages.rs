@@ -91,22 +91,55 @@ async fn submit_batch(
     ids
 }
 
-async fn expect_unavailable(distribuidor: &RunningDistribuidor) {
+/// What the submissions at the edge of an outage got: every one is audited
+/// once the service is back.
+struct Edge {
+    /// Acked in the instant before the outage was noticed: they must finish.
+    acked: BTreeSet<String>,
+    /// Refused `unavailable`: a promise that they will not run, so no row.
+    refused: Vec<String>,
+}
+
+impl Edge {
+    /// Checks the refusals (the service is back); returns the acked ids,
+    /// to be audited with the rest.
+    async fn audit(self) -> BTreeSet<String> {
+        let db = tareas_integration::db();
+        for id in &self.refused {
+            let row = db.status(id).await.expect("PostgreSQL is back");
+            assert!(
+                row.is_none(),
+                "{id} was refused `unavailable` but has a row: {row:?}"
+            );
+        }
+        self.acked
+    }
+}
+
+/// Submits until a task is refused `unavailable` (the outage was noticed).
+async fn expect_unavailable(distribuidor: &RunningDistribuidor) -> Edge {
     let mut client = distribuidor.client().await;
     let deadline = tokio::time::Instant::now() + LIMIT;
+    let mut acked = BTreeSet::new();
     loop {
         client
             .send(&Request::Task(task("hash", json!({"text": "down"}))))
             .await
             .expect("send");
         match next(&mut client).await {
-            Reply::Error(error) if error.code == ErrorCode::Unavailable => return,
-            Reply::Ack { .. } => {
+            Reply::Error(error) if error.code == ErrorCode::Unavailable => {
+                let refused = error.task_id.into_iter().collect();
+                return Edge { acked, refused };
+            }
+            // The outcome of a publish cut off by the outage: it may run.
+            Reply::Error(error) if error.code == ErrorCode::Uncertain => {}
+            Reply::Ack { task_id, .. } => {
                 // Only possible in the instant before the outage was noticed.
                 assert!(
                     tokio::time::Instant::now() < deadline,
                     "acks kept coming while the dependency was down"
                 );
+                acked.insert(task_id.to_string());
             }
             other => panic!("unexpected {other:?}"),
         }
@@ -122,10 +155,11 @@ async fn rabbitmq_restart_loses_no_acked_task() {
         .await;
     deployment.start_worker(deployment.worker_config("w-rmq", 2));
     let mut ids = submit_batch(&distribuidor, 30, 100).await;
-    {
+    let edge = {
         let _restore = rabbitmq_stop();
-        expect_unavailable(&distribuidor).await;
-    }
+        expect_unavailable(&distribuidor).await
+    };
+    ids.extend(edge.audit().await);
     ids.insert(submit_until_acked(&distribuidor, task("hash", json!({"text": "after"}))).await);
     assert_all_stored(&ids, TaskState::Succeeded).await;
     deployment.stop().await;
@@ -161,10 +195,12 @@ async fn results_reach_a_waiting_client_across_a_rabbitmq_restart() {
     while acked.len() < 20 {
         take(next(&mut client).await, &mut acked, &mut results);
     }
-    {
+    let edge = {
         let _restore = rabbitmq_stop();
-        expect_unavailable(&distribuidor).await;
-    }
+        expect_unavailable(&distribuidor).await
+    };
+    let edge_acked = edge.audit().await;
+    assert_all_stored(&edge_acked, TaskState::Succeeded).await;
     while results.len() < 20 {
         // Each wait fails the test after LIMIT: a lost push is a hang.
         take(next(&mut client).await, &mut acked, &mut results);
@@ -181,10 +217,11 @@ async fn postgres_restart_loses_no_acked_task() {
         .await;
     deployment.start_worker(deployment.worker_config("w-pg", 2));
     let mut ids = submit_batch(&distribuidor, 30, 100).await;
-    {
+    let edge = {
         let _restore = postgres_stop();
-        expect_unavailable(&distribuidor).await;
-    }
+        expect_unavailable(&distribuidor).await
+    };
+    ids.extend(edge.audit().await);
     ids.insert(submit_until_acked(&distribuidor, task("hash", json!({"text": "after"}))).await);
     assert_all_stored(&ids, TaskState::Succeeded).await;
     deployment.stop().await;

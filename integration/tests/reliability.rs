@@ -419,3 +419,51 @@ async fn a_refused_submission_never_removes_a_row_another_one_published() {
         "no row outlives a refusal"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivery_after_the_finish_does_not_run_the_handler_again() {
+    use tareas_common::amqp::{self, Envelope};
+    let runs: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let mut registry = Registry::new();
+    let counted = runs.clone();
+    registry.register_blocking("counted", move |payload| {
+        let key = payload["key"].as_str().unwrap_or_default().to_owned();
+        *counted.lock().expect("lock").entry(key).or_default() += 1;
+        Ok(json!({"ok": true}))
+    });
+    let mut deployment = Deployment::new().await;
+    let mut config = deployment.distribuidor_config();
+    config.extra_task_types = vec!["counted".into()];
+    let distribuidor = deployment.start_distribuidor(config).await;
+    // One at a time, one message in hand: a marker task behind the
+    // duplicates runs only after they were handled and acked.
+    let mut worker = deployment.worker_config("w-once", 1);
+    worker.prefetch = Some(1);
+    deployment.start_worker_with(worker, registry);
+    let mut client = distribuidor.client().await;
+    let id = submit_ok(&mut client, task("counted", json!({"key": "k"}))).await;
+    assert_eq!(next_result(&mut client).await.status, TaskState::Succeeded);
+    // The same message again, twice, straight to the queue: what a publish
+    // repeated by the outbox relay or a client's resubmission race delivers.
+    let connection = tareas_integration::rabbitmq().await;
+    let channel = amqp::confirm_channel(&connection).await.expect("channel");
+    let message = TaskMessage {
+        task_id: tareas_common::task::TaskId::parse(&id).expect("task id"),
+        task_type: "counted".into(),
+        payload: json!({"key": "k"}),
+        notify: false,
+    };
+    let body = serde_json::to_vec(&message).expect("json");
+    for _ in 0..2 {
+        amqp::publish_persistent(&channel, &deployment.queue, &body, Envelope::default())
+            .await
+            .expect("published");
+    }
+    // A marker task behind them: once it ran, the duplicates were handled.
+    submit_ok(&mut client, task("counted", json!({"key": "marker"}))).await;
+    assert_eq!(next_result(&mut client).await.status, TaskState::Succeeded);
+    let runs = runs.lock().expect("lock").clone();
+    assert_eq!(runs.get("k"), Some(&1), "the handler ran once: {runs:?}");
+    let _ = connection.close(200, "done".into()).await;
+    deployment.stop().await;
+}

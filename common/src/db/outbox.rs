@@ -123,7 +123,7 @@ pub(super) async fn mark_published_batch(
     client
         .execute(
             "UPDATE tasks SET published_at = now()
-             WHERE task_id = ANY($1) AND published_at IS NULL",
+             WHERE task_id = ANY($1) AND state = 'queued' AND published_at IS NULL",
             &[&ids],
         )
         .await?;

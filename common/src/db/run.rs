@@ -338,6 +338,46 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_finished_row_never_changes_again_whatever_statement_comes_late() {
+        let db = test_db().await;
+        let task = test_task("echo");
+        let id = task.task_id.as_str();
+        let submitted = db.insert_queued(&task).await.expect("insert");
+        let crate::db::Submission::New(version) = submitted else {
+            panic!("a new id: {submitted:?}");
+        };
+        db.claim(&task, "w1", false).await.expect("claim");
+        let done = db.finish(finish(&task, TaskState::Succeeded, "w1")).await;
+        let done = done.expect("finish");
+        // Every statement that can reach a row late, one by one: a twin
+        // delivery, a redelivery, the first worker's retry or release after
+        // another finished, a second finish, the distribuidor's undo, renew
+        // and publish mark, a resubmission, an operator's replay.
+        let late_claim = db.claim(&task, "w2", false).await.expect("claim");
+        assert_eq!(late_claim, Claim::Finished);
+        let redelivery = db.claim(&task, "w2", true).await.expect("claim");
+        assert_eq!(redelivery, Claim::Finished);
+        db.retry_later(id, "w1", "late").await.expect("retry");
+        db.release(id, "w1").await.expect("release");
+        let again = db.finish(finish(&task, TaskState::Failed, "w2")).await;
+        assert_eq!(again.expect("finish again"), done);
+        db.forget_unpublished(id, &version).await.expect("forget");
+        db.keep_queued(&task).await.expect("keep");
+        db.mark_published(&task.task_id).await.expect("mark");
+        let resubmitted = db.insert_queued(&task).await.expect("resubmit");
+        assert!(
+            matches!(&resubmitted, crate::db::Submission::Existing(r) if r.state == TaskState::Succeeded),
+            "{resubmitted:?}"
+        );
+        assert!(!db.reset_for_replay(id).await.expect("replay"));
+        let row = db.row(id).await.expect("row").expect("exists");
+        assert_eq!(
+            row, done,
+            "the finished row is as the first finish wrote it"
+        );
+    }
+
+    #[tokio::test]
     async fn the_first_finish_wins_and_the_row_is_typed() {
         let db = test_db().await;
         let task = test_task("echo");
