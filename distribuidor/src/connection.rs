@@ -389,16 +389,11 @@ impl Client {
         for reply in &handled.replies {
             self.write(&reply.to_line()).await?;
         }
-        // Settle the bookkeeping of the task this request was about.
-        let about = handled.replies.iter().find_map(|reply| match reply {
-            Reply::Ack { task_id, .. } => Some(task_id.clone()),
-            Reply::Error(error) => error
-                .task_id
-                .as_deref()
-                .and_then(|raw| TaskId::parse(raw).ok()),
-            _ => None,
-        });
-        let early = about.and_then(|task_id| self.unacked.remove(&task_id).flatten());
+        // Settle the bookkeeping of the submission this request was (only
+        // that one: another request may name the same id in its error).
+        let early = handled
+            .settles
+            .and_then(|task_id| self.unacked.remove(&task_id).flatten());
         match (handled.subscribed, early) {
             (Some(_), Some(line)) => self.write_result(&line).await?,
             (Some(task_id), None) => {
@@ -503,24 +498,25 @@ fn start_request(
         Request::Ping => ready(Reply::Pong),
         Request::Health => {
             let shared = shared.clone();
-            Box::pin(async move {
-                Handled {
-                    replies: vec![shared.health().await],
-                    subscribed: None,
-                }
-            })
+            Box::pin(async move { Handled::reply(shared.health().await) })
         }
         Request::Status { task_id } => {
             let shared = shared.clone();
-            Box::pin(async move {
-                Handled {
-                    replies: vec![shared.status(task_id).await],
-                    subscribed: None,
-                }
-            })
+            Box::pin(async move { Handled::reply(shared.status(task_id).await) })
         }
         Request::Task(task) => match shared.prepare(task) {
             Err(err) => ready(err.into_reply()),
+            // One submission of an id at a time per connection: its ack
+            // and result keep their order only so.
+            Ok(task) if unacked.contains_key(&task.task_id) => ready(Reply::error(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "task_id {} is already being submitted on this connection; \
+                     wait for its ack before sending it again",
+                    task.task_id
+                ),
+                Some(task.task_id.to_string()),
+            )),
             Ok(task) => {
                 unacked.insert(task.task_id.clone(), None);
                 let (shared, results, peer) = (shared.clone(), results.clone(), peer.clone());
@@ -531,8 +527,5 @@ fn start_request(
 }
 
 fn ready(reply: Reply) -> Pending {
-    Box::pin(std::future::ready(Handled {
-        replies: vec![reply],
-        subscribed: None,
-    }))
+    Box::pin(std::future::ready(Handled::reply(reply)))
 }

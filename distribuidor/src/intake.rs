@@ -36,18 +36,22 @@ pub struct Shared {
     pub instance: String,
 }
 
-/// The replies to one request, in order, and the task whose result the
-/// connection now waits for, if any.
+/// The replies to one request, in order, the task whose result the
+/// connection now waits for, if any, and the submission it settles (the
+/// task whose ack, or refusal, it carries).
 pub struct Handled {
     pub replies: Vec<Reply>,
     pub subscribed: Option<TaskId>,
+    pub settles: Option<TaskId>,
 }
 
 impl Handled {
-    fn one(reply: Reply) -> Handled {
+    /// A reply that settles no submission.
+    pub fn reply(reply: Reply) -> Handled {
         Handled {
             replies: vec![reply],
             subscribed: None,
+            settles: None,
         }
     }
 }
@@ -113,7 +117,8 @@ impl Shared {
         match self.queue(&task, client).await {
             Ok(Queued::Published(_) | Queued::Running) => Handled {
                 replies: vec![ack],
-                subscribed: task.notify.then_some(task_id),
+                subscribed: task.notify.then(|| task_id.clone()),
+                settles: Some(task_id),
             },
             Ok(Queued::Finished(record)) => {
                 self.router.unsubscribe(&task_id, connection);
@@ -124,11 +129,16 @@ impl Shared {
                 Handled {
                     replies,
                     subscribed: None,
+                    settles: Some(task_id),
                 }
             }
             Err(refusal) => {
                 self.router.unsubscribe(&task_id, connection);
-                Handled::one(refusal.reply(&task_id))
+                let reply = refusal.reply(&task_id);
+                Handled {
+                    settles: Some(task_id),
+                    ..Handled::reply(reply)
+                }
             }
         }
     }

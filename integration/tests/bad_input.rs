@@ -196,3 +196,52 @@ async fn database_down_means_unavailable() {
     assert_eq!(code(&next(&mut client).await), ErrorCode::Unavailable);
     deployment.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_pipelined_twice_is_refused_until_its_first_ack_and_keeps_its_order() {
+    let mut deployment = Deployment::new().await;
+    let distribuidor = deployment
+        .start_distribuidor(deployment.distribuidor_config())
+        .await;
+    deployment.start_worker(deployment.worker_config("w-twice", 2));
+    let mut client = distribuidor.client().await;
+    let id = format!("twice-{}", deployment.queue);
+    let submission = |payload| TaskRequest {
+        task_id: Some(id.clone()),
+        ..task("sleep", payload)
+    };
+    // The same id three times before any reply: a valid one, a bad one
+    // naming it, and a valid twin.
+    for payload in [
+        json!({"ms": 300}),
+        json!({"ms": "soon"}),
+        json!({"ms": 300}),
+    ] {
+        client
+            .send(&Request::Task(submission(payload)))
+            .await
+            .expect("send");
+    }
+    let mut replies = Vec::new();
+    while !replies.iter().any(|r| matches!(r, Reply::Result(_))) {
+        replies.push(next(&mut client).await);
+    }
+    assert!(
+        matches!(&replies[0], Reply::Ack { task_id, .. } if task_id.as_str() == id),
+        "{replies:?}"
+    );
+    assert_eq!(code(&replies[1]), ErrorCode::InvalidPayload, "{replies:?}");
+    assert_eq!(code(&replies[2]), ErrorCode::InvalidRequest, "{replies:?}");
+    assert!(
+        matches!(&replies[3], Reply::Result(report) if report.task_id.as_str() == id),
+        "the first submission's result, after its ack: {replies:?}"
+    );
+    // Once acked, the id may be sent again: acked, its stored result pushed.
+    client
+        .send(&Request::Task(submission(json!({"ms": 300}))))
+        .await
+        .expect("send");
+    assert!(matches!(next(&mut client).await, Reply::Ack { .. }));
+    assert!(matches!(next(&mut client).await, Reply::Result(_)));
+    deployment.stop().await;
+}
