@@ -34,6 +34,8 @@ pub struct LoadResult {
     pub errors: BTreeMap<String, usize>,
     /// Tasks whose result was pushed more than once.
     pub duplicate_results: usize,
+    /// Connections opened again after the distribuidor dropped them.
+    pub reconnects: usize,
     /// Results whose status was `failed`.
     pub failed: usize,
     /// Worker ids seen in results, with counts.
@@ -47,6 +49,8 @@ struct Pending {
     sent_at: HashMap<String, Instant>,
     /// task id → when it was acked, until its result arrives.
     acked: HashMap<String, Instant>,
+    /// Every task acked on this connection (to resend the rest after a reconnect).
+    acked_ids: std::collections::HashSet<String>,
 }
 
 /// Shared figures, merged from every connection.
@@ -75,6 +79,7 @@ pub async fn run(addr: &str, args: &BenchArgs, limit: Duration) -> anyhow::Resul
             end_to_end_latency: histogram(),
             errors: BTreeMap::new(),
             duplicate_results: 0,
+            reconnects: 0,
             failed: 0,
             workers: BTreeMap::new(),
         }),
@@ -91,6 +96,7 @@ pub async fn run(addr: &str, args: &BenchArgs, limit: Duration) -> anyhow::Resul
             .collect();
         let client = Client::connect(addr).await?;
         let job = Job {
+            addr: addr.to_owned(),
             ids,
             task_type: args.task_type.clone(),
             payload: payload.clone(),
@@ -171,6 +177,8 @@ fn spawn_pacer(rate: f64) -> Arc<Semaphore> {
 
 /// One connection's share of the load.
 struct Job {
+    /// Where to connect again when the distribuidor goes away.
+    addr: String,
     ids: Vec<String>,
     task_type: String,
     payload: serde_json::Value,
@@ -183,12 +191,51 @@ struct Job {
 }
 
 impl Job {
+    /// Sends every task of the job. With `retry_unavailable` in an
+    /// acks-only run, a connection the distribuidor dropped (a crash, a
+    /// restart) is opened again and the tasks not acked yet are sent again
+    /// with the same ids (safe: a task runs once).
     async fn run(self, client: Client) -> anyhow::Result<()> {
+        let reconnect = self.retry_unavailable && !self.notify;
+        let mut remaining = self.ids.clone();
+        let mut client = client;
+        loop {
+            let pending = Arc::new(Mutex::new(Pending::default()));
+            match self.run_once(client, &remaining, &pending).await {
+                Ok(()) => return Ok(()),
+                Err(_) if reconnect => {
+                    let acked = std::mem::take(&mut lock(&pending).acked_ids);
+                    remaining.retain(|id| !acked.contains(id));
+                    lock(&self.totals.result).reconnects += 1;
+                    client = self.connect_again().await?;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    /// Connects until the distribuidor answers again (at most a minute).
+    async fn connect_again(&self) -> anyhow::Result<Client> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match Client::connect(&self.addr).await {
+                Ok(client) => return Ok(client),
+                Err(err) if Instant::now() > deadline => return Err(err),
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+
+    async fn run_once(
+        &self,
+        client: Client,
+        ids: &[String],
+        pending: &Arc<Mutex<Pending>>,
+    ) -> anyhow::Result<()> {
         let (mut writer, mut reader) = client.into_split();
         let window = Arc::new(Semaphore::new(self.window));
-        let pending = Arc::new(Mutex::new(Pending::default()));
         let (resend_tx, mut resend_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-        let count = self.ids.len();
+        let count = ids.len();
         // Receiver: acks free window slots; results complete tasks.
         let mut receiving = {
             let window = window.clone();
@@ -211,8 +258,8 @@ impl Job {
                 .await
             })
         };
-        for id in &self.ids {
-            self.send(&mut writer, &window, &pending, id).await?;
+        for id in ids {
+            self.send(&mut writer, &window, pending, id).await?;
         }
         writer.flush().await?;
         // Resend what was refused as `unavailable` until the receiver is done.
@@ -220,7 +267,7 @@ impl Job {
             tokio::select! {
                 received = &mut receiving => break received,
                 Some(id) = resend_rx.recv() => {
-                    self.send(&mut writer, &window, &pending, &id).await?;
+                    self.send(&mut writer, &window, pending, &id).await?;
                     writer.flush().await?;
                 }
             }
@@ -319,7 +366,11 @@ async fn receive(
 /// Counts an ack and its latency; remembers when the task was sent, for
 /// its end-to-end latency.
 fn record_ack(id: String, now: Instant, notify: bool, pending: &Mutex<Pending>, totals: &Totals) {
-    let sent = lock(pending).sent_at.remove(&id);
+    let sent = {
+        let mut pending = lock(pending);
+        pending.acked_ids.insert(id.clone());
+        pending.sent_at.remove(&id)
+    };
     let mut result = lock(&totals.result);
     result.acked += 1;
     result.ack_elapsed = now - totals.first_send;

@@ -45,7 +45,9 @@ pub struct BenchArgs {
     /// Measure submission only: ask for no results (`notify: false`) and do not wait for them.
     #[arg(long)]
     pub acks_only: bool,
-    /// Resubmit (same task_id) tasks refused as `unavailable`, until acked.
+    /// Resubmit (same task_id) tasks refused as `unavailable` or
+    /// `uncertain`, until acked; with --acks-only, also connect again when
+    /// the distribuidor drops the connection and resend what was not acked.
     #[arg(long)]
     pub retry_unavailable: bool,
     /// Prefix of the generated task ids (default: `bench-<random>`).

@@ -21,6 +21,8 @@ pub struct Report {
     pub results: usize,
     pub failed: usize,
     pub duplicate_results: usize,
+    /// Connections opened again after the distribuidor dropped them.
+    pub reconnects: usize,
     pub acks_per_sec: f64,
     pub results_per_sec: f64,
     pub ack_latency_ms: Latency,
@@ -68,6 +70,7 @@ impl Report {
             results: load.results,
             failed: load.failed,
             duplicate_results: load.duplicate_results,
+            reconnects: load.reconnects,
             acks_per_sec,
             results_per_sec,
             ack_latency_ms: Latency::of(&load.ack_latency),
