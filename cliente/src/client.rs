@@ -9,6 +9,45 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter, Lines};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
+/// Where a distribuidor is, and the token to present to it (when it
+/// requires one).
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub addr: String,
+    pub token: Option<String>,
+}
+
+impl Endpoint {
+    /// An endpoint that presents no token (a development distribuidor).
+    pub fn anonymous(addr: impl Into<String>) -> Endpoint {
+        Endpoint {
+            addr: addr.into(),
+            token: None,
+        }
+    }
+
+    /// Connects and, with a token, authenticates.
+    pub async fn connect(&self) -> anyhow::Result<Client> {
+        let mut client = Client::connect(&self.addr).await?;
+        if let Some(token) = &self.token {
+            client
+                .send(&Request::Auth {
+                    token: token.clone(),
+                })
+                .await?;
+            match client.recv_within(Duration::from_secs(30)).await? {
+                Reply::Auth { ok: true, .. } => {}
+                Reply::Error(error) => bail!(
+                    "the distribuidor refused the token: {} (check TAREAS_TOKEN or --token)",
+                    error.message
+                ),
+                other => bail!("unexpected answer to auth: {other:?}"),
+            }
+        }
+        Ok(client)
+    }
+}
+
 /// A client connection.
 pub struct Client {
     reader: ReplyReader,

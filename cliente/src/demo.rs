@@ -9,7 +9,7 @@ use tareas_common::builtin;
 use tareas_common::protocol::{Reply, TaskRequest};
 use tareas_common::task::{TaskReport, TaskState};
 
-use crate::Client;
+use crate::Endpoint;
 
 /// What the demo saw.
 #[derive(Debug, Default)]
@@ -22,8 +22,8 @@ pub struct Summary {
 
 /// Sends one task of every built-in type on one connection and waits (up
 /// to `limit`) for all results. Prints as it goes when `print` is set.
-pub async fn run(addr: &str, limit: Duration, print: bool) -> anyhow::Result<Summary> {
-    let mut client = Client::connect(addr).await?;
+pub async fn run(endpoint: &Endpoint, limit: Duration, print: bool) -> anyhow::Result<Summary> {
+    let mut client = endpoint.connect().await?;
     let mut task_types: HashMap<String, String> = HashMap::new();
     for task_type in builtin::ALL {
         client

@@ -7,4 +7,4 @@ pub mod client;
 pub mod demo;
 pub mod dlq;
 
-pub use client::Client;
+pub use client::{Client, Endpoint};

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use cliente::{demo, dlq, Client};
+use cliente::{demo, dlq, Endpoint};
 use tareas_common::config::{BrokerArgs, DatabaseArgs};
 use tareas_common::protocol::{Reply, Request, TaskRequest};
 use tareas_common::task::TaskState;
@@ -23,6 +23,9 @@ struct Cli {
         global = true
     )]
     addr: String,
+    /// The token to present (a distribuidor with tokens configured requires one).
+    #[arg(long, env = "TAREAS_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
     /// Seconds to wait for replies and results.
     #[arg(long, default_value_t = 60, global = true)]
     timeout: u64,
@@ -101,9 +104,13 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let limit = Duration::from_secs(cli.timeout);
+    let endpoint = Endpoint {
+        addr: cli.addr.clone(),
+        token: cli.token.clone(),
+    };
     let addr = cli.addr.as_str();
     match cli.command {
-        None => demo(addr, limit).await,
+        None => demo(&endpoint, limit).await,
         Some(Command::Submit {
             task_type,
             payload,
@@ -117,13 +124,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 payload: Some(payload),
                 notify: Some(wait),
             };
-            submit(addr, task, wait, limit).await
+            submit(&endpoint, task, wait, limit).await
         }
         Some(Command::Status { task_id }) => {
-            one_request(addr, Request::Status { task_id }, limit).await
+            one_request(&endpoint, Request::Status { task_id }, limit).await
         }
-        Some(Command::Ping) => one_request(addr, Request::Ping, limit).await,
-        Some(Command::Health) => health(addr, limit).await,
+        Some(Command::Ping) => one_request(&endpoint, Request::Ping, limit).await,
+        Some(Command::Health) => health(&endpoint, limit).await,
         Some(Command::Bench(args)) => bench(addr, &args).await,
         Some(Command::Dlq {
             command: DlqCommand::List,
@@ -145,8 +152,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// No command: one task of each built-in type.
-async fn demo(addr: &str, limit: Duration) -> anyhow::Result<()> {
-    let summary = demo::run(addr, limit, true).await?;
+async fn demo(endpoint: &Endpoint, limit: Duration) -> anyhow::Result<()> {
+    let summary = demo::run(endpoint, limit, true).await?;
     if !summary.errors.is_empty() {
         bail!(
             "{} task(s) were refused: {}",
@@ -158,8 +165,13 @@ async fn demo(addr: &str, limit: Duration) -> anyhow::Result<()> {
 }
 
 /// `submit`: prints the ack, and with `wait` the result; a failed task is an error.
-async fn submit(addr: &str, task: TaskRequest, wait: bool, limit: Duration) -> anyhow::Result<()> {
-    let mut client = Client::connect(addr).await?;
+async fn submit(
+    endpoint: &Endpoint,
+    task: TaskRequest,
+    wait: bool,
+    limit: Duration,
+) -> anyhow::Result<()> {
+    let mut client = endpoint.connect().await?;
     client.submit(task).await?;
     let ack = expect_ok(client.recv_within(limit).await?)?;
     println!("{}", serde_json::to_string(&ack)?);
@@ -179,8 +191,8 @@ async fn submit(addr: &str, task: TaskRequest, wait: bool, limit: Duration) -> a
 }
 
 /// `health`: exits non-zero unless the distribuidor can accept tasks.
-async fn health(addr: &str, limit: Duration) -> anyhow::Result<()> {
-    let mut client = Client::connect(addr).await?;
+async fn health(endpoint: &Endpoint, limit: Duration) -> anyhow::Result<()> {
+    let mut client = endpoint.connect().await?;
     client.send(&Request::Health).await?;
     let reply = expect_ok(client.recv_within(limit).await?)?;
     println!("{}", serde_json::to_string(&reply)?);
@@ -234,8 +246,8 @@ async fn dlq_replay(
     Ok(())
 }
 
-async fn one_request(addr: &str, request: Request, limit: Duration) -> anyhow::Result<()> {
-    let mut client = Client::connect(addr).await?;
+async fn one_request(endpoint: &Endpoint, request: Request, limit: Duration) -> anyhow::Result<()> {
+    let mut client = endpoint.connect().await?;
     client.send(&request).await?;
     let reply = expect_ok(client.recv_within(limit).await?)?;
     println!("{}", serde_json::to_string(&reply)?);

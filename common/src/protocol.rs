@@ -17,6 +17,11 @@ pub enum Request {
     Ping,
     /// Can this distribuidor accept tasks right now? (For healthchecks.)
     Health,
+    /// Authenticates the connection; the first message when the
+    /// distribuidor has tokens configured.
+    Auth {
+        token: String,
+    },
 }
 
 /// `{"type":"task", ...}`: everything optional but what the task type needs.
@@ -53,6 +58,11 @@ pub enum Reply {
         error: Option<String>,
     },
     Pong,
+    /// The answer to an auth request: who the connection now acts as.
+    Auth {
+        ok: bool,
+        client: String,
+    },
     /// The answer to a health request: `ready` when both dependencies answer.
     Health {
         ready: bool,
@@ -128,6 +138,9 @@ pub enum ErrorCode {
     /// a link lost after the publish went out): the task may or may not
     /// run. Resubmitting the same `task_id` is safe.
     Uncertain,
+    /// The distribuidor requires a token: the connection sent something
+    /// else first, a wrong token, or nothing in time. It is closed.
+    Unauthenticated,
 }
 
 impl ErrorCode {
@@ -146,6 +159,7 @@ impl ErrorCode {
             ErrorCode::QueueFull => "queue_full",
             ErrorCode::QuotaExceeded => "quota_exceeded",
             ErrorCode::Uncertain => "uncertain",
+            ErrorCode::Unauthenticated => "unauthenticated",
         }
     }
 }
@@ -225,19 +239,20 @@ impl Request {
                     task_id,
                 ))
             }
-            None => {
-                return Err(RequestError::new(
-                    ErrorCode::InvalidRequest,
-                    "missing \"type\": expected \"task\", \"status\", \"ping\" or \"health\"",
-                    task_id,
-                ))
-            }
+            None => return Err(RequestError::new(
+                ErrorCode::InvalidRequest,
+                "missing \"type\": expected \"task\", \"status\", \"ping\", \"health\" or \"auth\"",
+                task_id,
+            )),
         };
-        if !matches!(kind.as_str(), "task" | "status" | "ping" | "health") {
+        if !matches!(
+            kind.as_str(),
+            "task" | "status" | "ping" | "health" | "auth"
+        ) {
             return Err(RequestError::new(
                 ErrorCode::InvalidRequest,
                 format!(
-                    "unknown type {kind:?}: expected \"task\", \"status\", \"ping\" or \"health\""
+                    "unknown type {kind:?}: expected \"task\", \"status\", \"ping\", \"health\" or \"auth\""
                 ),
                 task_id,
             ));

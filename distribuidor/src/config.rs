@@ -29,6 +29,19 @@ pub struct Config {
     /// validated by the worker, not here.
     #[arg(long, env = "TAREAS_EXTRA_TASK_TYPES", value_delimiter = ',')]
     pub extra_task_types: Vec<String>,
+    /// Client tokens for development and compose, `name=token,…`; with any
+    /// token configured every connection must authenticate first.
+    #[arg(
+        long,
+        env = "TAREAS_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub tokens: Vec<Secret>,
+    /// A file of client tokens, one `name sha256-hex-of-token` per line
+    /// (`cliente token new NAME` prints one).
+    #[arg(long, env = "TAREAS_TOKENS_FILE")]
+    pub tokens_file: Option<String>,
     /// Seconds after which a recorded task whose publish was never
     /// confirmed (its distribuidor died, or the outcome was unknown) is
     /// published by the outbox relay.
@@ -60,6 +73,10 @@ pub struct Limits {
     /// Whitespace alone is not activity.
     #[arg(long, env = "TAREAS_IDLE_TIMEOUT_SECS", default_value_t = 300)]
     pub idle_timeout_secs: u64,
+    /// Seconds a connection has to authenticate when tokens are configured;
+    /// past it `unauthenticated` and close.
+    #[arg(long, env = "TAREAS_AUTH_TIMEOUT_SECS", default_value_t = 10)]
+    pub auth_timeout_secs: u64,
     /// Seconds a message may take to arrive once its first byte has; past
     /// it `request_timeout` and close (a client trickling bytes holds no slot).
     #[arg(long, env = "TAREAS_MESSAGE_TIMEOUT_SECS", default_value_t = 30)]
@@ -97,6 +114,24 @@ pub struct Limits {
     /// PostgreSQL connections in the pool.
     #[arg(long, env = "TAREAS_DB_POOL_SIZE", default_value_t = 16)]
     pub db_pool_size: usize,
+}
+
+/// A value never printed, not even by `{:?}`.
+#[derive(Clone)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(value: &str) -> Result<Secret, Self::Err> {
+        Ok(Secret(value.to_owned()))
+    }
 }
 
 impl Limits {

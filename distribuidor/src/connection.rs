@@ -62,9 +62,10 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let (reader, writer) = stream.into_split();
     let mut client = Client::new(id, shared, limits, reader, writer);
-    // The client's identity for its quota: its address (no port: one
-    // client, many connections).
-    client.peer = peer.ip().to_string().into();
+    // The client's identity for its quota until a token names it: its
+    // address (no port: one client, many connections).
+    client.address = peer.ip().to_string().into();
+    client.peer = client.address.clone();
     let outcome = client.run(&shutdown).await;
     client.close().await;
     outcome
@@ -75,8 +76,11 @@ pub async fn serve(
 struct Client {
     /// This connection, as the router knows it.
     id: ConnectionId,
-    /// Who is connected (its address), as the quota counts it.
+    /// Who is connected, as the quota counts it: the client its token
+    /// names, else its address.
     peer: Arc<str>,
+    /// Its address (no port), for the delays of failed authentications.
+    address: Arc<str>,
     /// What every connection shares: database, broker, router.
     shared: Arc<Shared>,
     limits: Limits,
@@ -113,6 +117,10 @@ struct Client {
     message_deadline: Option<Instant>,
     /// The connection ends on an error reply: linger for the client to read it.
     closing_on_error: bool,
+    /// It may send requests: it presented a token, or none is required.
+    authenticated: bool,
+    /// When a connection that has not authenticated is closed.
+    auth_deadline: Option<Instant>,
 }
 
 /// What woke the connection up.
@@ -129,6 +137,7 @@ enum Event {
     Overflow,
     IdleTimeout,
     MessageTimeout,
+    AuthTimeout,
     Shutdown,
 }
 
@@ -142,9 +151,11 @@ impl Client {
     ) -> Client {
         let (results_tx, results, budget) =
             result_queue(limits.max_output_bytes, shared.memory.clone());
+        let required = shared.tokens.required();
         Client {
             id,
             peer: "unknown".into(),
+            address: "unknown".into(),
             shared,
             reader,
             buffer: BytesMut::new(),
@@ -163,6 +174,8 @@ impl Client {
             idle_deadline: Instant::now() + secs(limits.idle_timeout_secs),
             message_deadline: None,
             closing_on_error: false,
+            authenticated: !required,
+            auth_deadline: required.then(|| Instant::now() + secs(limits.auth_timeout_secs)),
             limits,
         }
     }
@@ -205,6 +218,13 @@ impl Client {
                         self.limits.message_timeout_secs
                     );
                     return self.close_with(ErrorCode::RequestTimeout, &message).await;
+                }
+                Event::AuthTimeout => {
+                    let message = format!(
+                        "no token within {}s: send {{\"type\":\"auth\",\"token\":…}} first",
+                        self.limits.auth_timeout_secs
+                    );
+                    return self.close_with(ErrorCode::Unauthenticated, &message).await;
                 }
                 Event::Shutdown => {
                     self.reading = false;
@@ -249,6 +269,8 @@ impl Client {
             () = sleep_until(self.idle_deadline), if idle => Event::IdleTimeout,
             () = sleep_until(message_deadline.unwrap_or_else(Instant::now)),
                 if self.reading && self.has_room() && message_deadline.is_some() => Event::MessageTimeout,
+            () = sleep_until(self.auth_deadline.unwrap_or_else(Instant::now)),
+                if self.reading && self.auth_deadline.is_some() => Event::AuthTimeout,
             () = shutdown.cancelled(), if self.reading => Event::Shutdown,
         }
     }
@@ -339,6 +361,7 @@ impl Client {
         };
         self.pending_bytes.push_back(bytes);
         let handling = match frame {
+            Frame::Object(bytes) if !self.authenticated => self.authenticate(&bytes),
             Frame::Object(bytes) => start_request(
                 &bytes,
                 (self.id, &self.peer),
@@ -365,6 +388,41 @@ impl Client {
             }
         };
         self.pending.push_back(handling);
+    }
+
+    /// Checks a token: on success the connection acts as its client (for
+    /// its quota, and its tasks); on failure, after a delay that grows with
+    /// the failures from its address, `unauthenticated` and close.
+    fn authenticate(&mut self, bytes: &[u8]) -> Pending {
+        let token = match Request::parse(bytes) {
+            Ok(Request::Auth { token }) => Some(token),
+            _ => None,
+        };
+        let tokens = &self.shared.tokens;
+        if let Some(client) = token.as_deref().and_then(|token| tokens.verify(token)) {
+            self.authenticated = true;
+            self.auth_deadline = None;
+            self.peer = client.into();
+            return ready(Reply::Auth {
+                ok: true,
+                client: client.to_owned(),
+            });
+        }
+        let (delay, message) = match token {
+            Some(_) => (tokens.failed(&self.address), "wrong token; the connection is closed"),
+            None => (
+                Duration::ZERO,
+                "authenticate first: send {\"type\":\"auth\",\"token\":…} (the connection is closed)",
+            ),
+        };
+        tracing::info!("refusing an unauthenticated client");
+        self.reading = false;
+        self.closing_on_error = true;
+        let reply = Reply::error(ErrorCode::Unauthenticated, message, None);
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            Handled::reply(reply)
+        })
     }
 
     /// A result arrived: held until its task's ack is written, else pushed.
@@ -496,6 +554,26 @@ fn start_request(
     };
     match request {
         Request::Ping => ready(Reply::Pong),
+        // Already authenticated (or no tokens are configured): the token
+        // must name the client this connection acts as.
+        Request::Auth { token } => {
+            let client = if shared.tokens.required() {
+                shared.tokens.verify(&token).filter(|name| **name == **peer)
+            } else {
+                Some(crate::auth::ANONYMOUS)
+            };
+            ready(match client {
+                Some(client) => Reply::Auth {
+                    ok: true,
+                    client: client.to_owned(),
+                },
+                None => Reply::error(
+                    ErrorCode::Unauthenticated,
+                    "that token does not name this connection's client; open a new connection to act as another",
+                    None,
+                ),
+            })
+        }
         Request::Health => {
             let shared = shared.clone();
             Box::pin(async move { Handled::reply(shared.health().await) })

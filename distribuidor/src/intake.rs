@@ -34,6 +34,8 @@ pub struct Shared {
     pub memory: Arc<crate::memory::Memory>,
     /// This process, as the rows it records name their owner.
     pub instance: String,
+    /// The client tokens; none: anonymous clients are served.
+    pub tokens: crate::auth::Tokens,
 }
 
 /// The replies to one request, in order, the task whose result the

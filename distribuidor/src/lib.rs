@@ -11,6 +11,7 @@
 //! - [`router`]: routes results from the reply queue to the waiting connections.
 //! - [`recovery`]: after a reconnect, pushes results that finished while the link was down.
 
+pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod connection;
@@ -55,6 +56,13 @@ impl Distribuidor {
     /// until `shutdown`); fails only on configuration errors.
     pub fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Distribuidor> {
         let db = Db::new(&config.database.database_url, config.limits.db_pool_size)?;
+        let tokens = auth::Tokens::load(&config.tokens, config.tokens_file.as_deref())?;
+        if !tokens.required() {
+            tracing::warn!(
+                "no client tokens configured (TAREAS_TOKENS, TAREAS_TOKENS_FILE): any client that \
+                 reaches this port may submit tasks and read results; set tokens before exposing it"
+            );
+        }
         let router = Arc::new(Router::new());
         // Names this process: its reply queue, its RabbitMQ connection, and
         // the rows it records (for the outbox relay).
@@ -115,6 +123,7 @@ impl Distribuidor {
             ),
             memory: Arc::new(memory::Memory::new(config.limits.max_buffered_bytes)),
             instance,
+            tokens,
         });
         Ok(Distribuidor {
             shared,

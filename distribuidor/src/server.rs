@@ -103,6 +103,11 @@ async fn client_address(
         return Some(peer);
     }
     let limit = Duration::from_secs(limits.message_timeout_secs);
+    if peer.ip().is_loopback() && !starts_with_proxy_header(stream, limit).await {
+        // The host itself (a container's healthcheck): nobody else can
+        // connect from loopback, so it claims nothing.
+        return Some(peer);
+    }
     let error = match tokio::time::timeout(limit, proxy::read_header(stream)).await {
         Ok(Ok(client)) => return Some(client.unwrap_or(peer)),
         Ok(Err(err)) => err.to_string(),
@@ -117,6 +122,15 @@ async fn client_address(
     let _ = tokio::time::timeout(limit, stream.write_all(&reply.to_line())).await;
     let _ = stream.shutdown().await;
     None
+}
+
+/// Whether the first bytes (peeked, not consumed) begin a PROXY header.
+async fn starts_with_proxy_header(stream: &TcpStream, limit: Duration) -> bool {
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(limit, stream.peek(&mut first)).await {
+        Ok(Ok(1)) => first[0] == b'P' || first[0] == b'\r',
+        _ => true,
+    }
 }
 
 async fn refuse(mut stream: TcpStream, max: usize) {

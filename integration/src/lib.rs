@@ -427,7 +427,12 @@ impl DistribuidorProcess {
                     client.send_raw(preamble).await.expect("send");
                 }
                 client.send(&Request::Health).await.expect("send");
-                if let Ok(Reply::Health { ready: true, .. }) = client.recv_within(LIMIT).await {
+                let mut reply = client.recv_within(LIMIT).await;
+                if let Ok(Reply::Auth { .. }) = reply {
+                    // The answer to the preamble's auth; the health one is next.
+                    reply = client.recv_within(LIMIT).await;
+                }
+                if let Ok(Reply::Health { ready: true, .. }) = reply {
                     return process;
                 }
             }

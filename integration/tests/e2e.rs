@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly by design
 
+mod auth;
 mod bad_input;
 mod bench_smoke;
 mod crash;

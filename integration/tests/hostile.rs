@@ -567,10 +567,17 @@ async fn behind_the_balancer_each_client_has_its_own_quota() {
     distribuidor
         .wait_for_log("peer=203.0.113.1:5000", 1, tareas_integration::LIMIT)
         .await;
-    // A client that skips the balancer is refused: it cannot claim an address.
-    let mut direct = distribuidor.client().await;
-    direct.send(&Request::Ping).await.expect("send");
-    let refused = read_to_end(&mut direct).await;
+    // A connection from the host itself without a header (a container's
+    // healthcheck) is served as what it is; a malformed header is refused.
+    let mut local = distribuidor.client().await;
+    local.send(&Request::Health).await.expect("send");
+    assert!(matches!(next(&mut local).await, Reply::Health { .. }));
+    let mut broken = distribuidor.client().await;
+    broken
+        .send_raw(b"PROXY TCP4 nonsense\r\n")
+        .await
+        .expect("send");
+    let refused = read_to_end(&mut broken).await;
     assert!(
         refused
             .iter()

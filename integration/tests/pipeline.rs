@@ -17,9 +17,13 @@ async fn every_task_type_is_acked_run_and_stored() {
         .await;
     deployment.start_worker(deployment.worker_config("w-all", 4));
 
-    let summary = cliente::demo::run(&distribuidor.addr.to_string(), LIMIT, false)
-        .await
-        .expect("demo run");
+    let summary = cliente::demo::run(
+        &cliente::Endpoint::anonymous(distribuidor.addr.to_string()),
+        LIMIT,
+        false,
+    )
+    .await
+    .expect("demo run");
     assert_eq!(summary.acked, builtin::ALL.len());
     assert!(summary.errors.is_empty(), "{:?}", summary.errors);
     for task_type in builtin::ALL {

@@ -1,0 +1,130 @@
+//! Clients with tokens: nothing is served before a right token, failures
+//! are slowed down, and a client that authenticates is served meanwhile.
+
+use std::time::Duration;
+
+use tareas_common::protocol::{ErrorCode, Reply, Request};
+use tareas_integration::{next, Deployment, DistribuidorProcess, LIMIT};
+
+const TOKENS: &str = "alpha=alpha-secret-0123456789,beta=beta-secret-0123456789";
+
+fn auth(token: &str) -> Request {
+    Request::Auth {
+        token: token.to_owned(),
+    }
+}
+
+/// Every reply until the server closes the connection.
+async fn until_closed(client: &mut cliente::Client) -> Vec<Reply> {
+    let mut replies = Vec::new();
+    while let Ok(Some(reply)) = tokio::time::timeout(LIMIT, client.recv())
+        .await
+        .expect("the server closes the connection")
+    {
+        replies.push(reply);
+    }
+    replies
+}
+
+fn unauthenticated(replies: &[Reply]) -> bool {
+    matches!(replies, [Reply::Error(error)] if error.code == ErrorCode::Unauthenticated)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_right_token_is_served_and_failures_never_slow_a_bystander() {
+    let deployment = Deployment::new().await;
+    let mut probe = serde_json::to_vec(&auth("alpha-secret-0123456789")).expect("json");
+    probe.push(b'\n');
+    let distribuidor = DistribuidorProcess::start_with_probe(
+        &deployment.queue,
+        &[("TAREAS_TOKENS", TOKENS), ("TAREAS_AUTH_TIMEOUT_SECS", "1")],
+        Some(probe),
+    )
+    .await;
+    // A request before auth, a wrong token, and silence: each closed.
+    let mut early = distribuidor.client().await;
+    early.send(&Request::Ping).await.expect("send");
+    assert!(unauthenticated(&until_closed(&mut early).await));
+    let mut silent = distribuidor.client().await;
+    assert!(unauthenticated(&until_closed(&mut silent).await));
+    // A guesser hammers wrong tokens while a client with the right one
+    // authenticates and is served.
+    let guessing = {
+        let addr = distribuidor.addr.clone();
+        tokio::spawn(async move {
+            let mut refused = 0;
+            for attempt in 0..4 {
+                let mut guesser = cliente::Client::connect(&addr).await.expect("connect");
+                guesser
+                    .send(&auth(&format!("guess-{attempt}")))
+                    .await
+                    .expect("send");
+                if unauthenticated(&until_closed(&mut guesser).await) {
+                    refused += 1;
+                }
+            }
+            refused
+        })
+    };
+    let mut alpha = distribuidor.client().await;
+    let started = std::time::Instant::now();
+    alpha
+        .send(&auth("beta-secret-0123456789"))
+        .await
+        .expect("send");
+    assert_eq!(
+        next(&mut alpha).await,
+        Reply::Auth {
+            ok: true,
+            client: "beta".into()
+        }
+    );
+    println!(
+        "a right token answered in {:?} while a guesser was refused",
+        started.elapsed()
+    );
+    alpha.send(&Request::Ping).await.expect("send");
+    assert_eq!(next(&mut alpha).await, Reply::Pong);
+    assert_eq!(guessing.await.expect("guesser"), 4);
+    // The failures from that address were answered ever more slowly.
+    let mut slowed = distribuidor.client().await;
+    let started = std::time::Instant::now();
+    slowed.send(&auth("guess-again")).await.expect("send");
+    assert!(unauthenticated(&until_closed(&mut slowed).await));
+    assert!(
+        started.elapsed() >= Duration::from_millis(1000),
+        "the 5th failure from one address waits 1.6 s: {:?}",
+        started.elapsed()
+    );
+    // The command-line client presents its token from the environment.
+    let output = tokio::process::Command::new(tareas_integration::binary("cliente"))
+        .args(["--addr", &distribuidor.addr, "ping"])
+        .env("TAREAS_TOKEN", "alpha-secret-0123456789")
+        .output()
+        .await
+        .expect("run cliente");
+    assert!(output.status.success(), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stdout).contains("pong"));
+    distribuidor.stop().await;
+    deployment.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_tokens_an_auth_is_answered_anonymous() {
+    let mut deployment = Deployment::new().await;
+    let distribuidor = deployment
+        .start_distribuidor(deployment.distribuidor_config())
+        .await;
+    let mut client = distribuidor.client().await;
+    client.send(&auth("anything")).await.expect("send");
+    assert_eq!(
+        next(&mut client).await,
+        Reply::Auth {
+            ok: true,
+            client: "anonymous".into()
+        }
+    );
+    client.send(&Request::Ping).await.expect("send");
+    assert_eq!(next(&mut client).await, Reply::Pong);
+    deployment.stop().await;
+}
