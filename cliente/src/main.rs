@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use cliente::{demo, dlq, Endpoint};
+use sha2::Digest;
 use tareas_common::config::{BrokerArgs, DatabaseArgs};
 use tareas_common::protocol::{Reply, Request, TaskRequest};
 use tareas_common::task::TaskState;
@@ -59,6 +60,11 @@ enum Command {
     /// Load the system with tasks and measure throughput and latency
     /// (with --baseline, also the bare dependencies, in the same run).
     Bench(Box<cliente::bench::BenchArgs>),
+    /// Client tokens for a distribuidor (TAREAS_TOKENS_FILE).
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// The dead-letter queue: tasks that failed their last attempt.
     Dlq {
         #[command(subcommand)]
@@ -68,6 +74,12 @@ enum Command {
         #[command(flatten)]
         database: DatabaseArgs,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Print a fresh random token for client NAME and its TAREAS_TOKENS_FILE line.
+    New { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -132,6 +144,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Ping) => one_request(&endpoint, Request::Ping, limit).await,
         Some(Command::Health) => health(&endpoint, limit).await,
         Some(Command::Bench(args)) => bench(addr, &args).await,
+        Some(Command::Token {
+            command: TokenCommand::New { name },
+        }) => {
+            // 244 random bits from the system's generator, as 64 hex digits.
+            let token = format!(
+                "{}{}",
+                uuid::Uuid::new_v4().simple(),
+                uuid::Uuid::new_v4().simple()
+            );
+            let digest = sha2::Sha256::digest(token.as_bytes());
+            println!("token (give it to the client; it is not stored anywhere): {token}");
+            println!(
+                "line for TAREAS_TOKENS_FILE: {name} {}",
+                hex::encode(digest)
+            );
+            Ok(())
+        }
         Some(Command::Dlq {
             command: DlqCommand::List,
             broker,

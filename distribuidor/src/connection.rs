@@ -99,7 +99,7 @@ struct Client {
     /// Acked tasks whose result this connection waits for.
     subscribed: HashSet<TaskId>,
     /// Task requests whose ack is not written yet, and results that beat their ack.
-    unacked: HashMap<TaskId, Option<Bytes>>,
+    unacked: HashMap<TaskId, Unacked>,
     /// Requests in progress; they finish in any order, replies leave in order.
     pending: FuturesOrdered<Pending>,
     /// What each request in `pending` holds, in the same order.
@@ -427,8 +427,8 @@ impl Client {
 
     /// A result arrived: held until its task's ack is written, else pushed.
     async fn push_result(&mut self, pushed: Pushed) -> std::io::Result<()> {
-        if let Some(slot) = self.unacked.get_mut(&pushed.task_id) {
-            if let Some(replaced) = slot.replace(pushed.line) {
+        if let Some(unacked) = self.unacked.get_mut(&pushed.task_id) {
+            if let Some(replaced) = unacked.early.replace(pushed.line) {
                 self.budget.release(replaced.len());
             }
             return Ok(());
@@ -449,18 +449,28 @@ impl Client {
         }
         // Settle the bookkeeping of the submission this request was (only
         // that one: another request may name the same id in its error).
-        let early = handled
-            .settles
-            .and_then(|task_id| self.unacked.remove(&task_id).flatten());
-        match (handled.subscribed, early) {
-            (Some(_), Some(line)) => self.write_result(&line).await?,
-            (Some(task_id), None) => {
-                self.subscribed.insert(task_id);
+        let Some(task_id) = handled.settles else {
+            return Ok(());
+        };
+        // A result that came early waits for the last ack of its id on
+        // this connection (the same id may be pipelined twice).
+        let early = match self.unacked.get_mut(&task_id) {
+            Some(unacked) if unacked.submissions > 1 => {
+                unacked.submissions -= 1;
+                None
             }
+            Some(_) => self.unacked.remove(&task_id).and_then(|u| u.early),
+            None => None,
+        };
+        if handled.subscribed.is_some() {
+            self.subscribed.insert(task_id.clone());
+        }
+        match early {
+            Some(line) if self.subscribed.remove(&task_id) => self.write_result(&line).await?,
             // Not waited for (refused, or its stored result went out with
             // the ack): the early line is dropped, its bytes given back.
-            (None, Some(line)) => self.budget.release(line.len()),
-            (None, None) => {}
+            Some(line) => self.budget.release(line.len()),
+            None => {}
         }
         Ok(())
     }
@@ -540,13 +550,21 @@ fn secs(secs: u64) -> Duration {
     Duration::from_secs(secs)
 }
 
+/// Submissions of one task id whose ack is not written yet, and a result
+/// that beat their last ack.
+#[derive(Default)]
+struct Unacked {
+    submissions: u32,
+    early: Option<Bytes>,
+}
+
 /// Parses one frame and starts handling it.
 fn start_request(
     bytes: &[u8],
     (id, peer): (ConnectionId, &Arc<str>),
     shared: &Arc<Shared>,
     results: &ResultSender,
-    unacked: &mut HashMap<TaskId, Option<Bytes>>,
+    unacked: &mut HashMap<TaskId, Unacked>,
 ) -> Pending {
     let request = match Request::parse(bytes) {
         Ok(request) => request,
@@ -584,19 +602,8 @@ fn start_request(
         }
         Request::Task(task) => match shared.prepare(task) {
             Err(err) => ready(err.into_reply()),
-            // One submission of an id at a time per connection: its ack
-            // and result keep their order only so.
-            Ok(task) if unacked.contains_key(&task.task_id) => ready(Reply::error(
-                ErrorCode::InvalidRequest,
-                format!(
-                    "task_id {} is already being submitted on this connection; \
-                     wait for its ack before sending it again",
-                    task.task_id
-                ),
-                Some(task.task_id.to_string()),
-            )),
             Ok(task) => {
-                unacked.insert(task.task_id.clone(), None);
+                unacked.entry(task.task_id.clone()).or_default().submissions += 1;
                 let (shared, results, peer) = (shared.clone(), results.clone(), peer.clone());
                 Box::pin(async move { shared.submit(task, id, &peer, &results).await })
             }

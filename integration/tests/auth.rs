@@ -128,3 +128,48 @@ async fn without_tokens_an_auth_is_answered_anonymous() {
     assert_eq!(next(&mut client).await, Reply::Pong);
     deployment.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_from_cliente_token_new_works_from_a_tokens_file() {
+    let deployment = Deployment::new().await;
+    let output = tokio::process::Command::new(tareas_integration::binary("cliente"))
+        .args(["token", "new", "zeta"])
+        .output()
+        .await
+        .expect("run cliente");
+    assert!(output.status.success(), "{output:?}");
+    let printed = String::from_utf8(output.stdout).expect("utf-8");
+    let field = |prefix: &str| {
+        printed
+            .lines()
+            .find_map(|line| {
+                line.split_once(prefix)
+                    .map(|(_, rest)| rest.trim().to_owned())
+            })
+            .unwrap_or_else(|| panic!("no {prefix:?} in {printed}"))
+    };
+    let token = field("it is not stored anywhere): ");
+    let line = field("line for TAREAS_TOKENS_FILE: ");
+    let file = std::env::temp_dir().join(format!("{}-tokens", deployment.queue));
+    std::fs::write(&file, format!("{line}\n")).expect("tokens file");
+    let mut probe = serde_json::to_vec(&auth(&token)).expect("json");
+    probe.push(b'\n');
+    let distribuidor = DistribuidorProcess::start_with_probe(
+        &deployment.queue,
+        &[("TAREAS_TOKENS_FILE", file.to_str().expect("path"))],
+        Some(probe),
+    )
+    .await;
+    let mut client = distribuidor.client().await;
+    client.send(&auth(&token)).await.expect("send");
+    assert_eq!(
+        next(&mut client).await,
+        Reply::Auth {
+            ok: true,
+            client: "zeta".into()
+        }
+    );
+    distribuidor.stop().await;
+    let _ = std::fs::remove_file(file);
+    deployment.stop().await;
+}
