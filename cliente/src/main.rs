@@ -104,7 +104,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli: Cli = tareas_common::config::parse();
+    // A compose `.env` next to it (TAREAS_TOKEN, …) gives defaults.
+    let cli: Cli = tareas_common::config::parse_with_env_file(std::path::Path::new(".env"));
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

@@ -13,7 +13,7 @@ pub fn parse<C: Parser>() -> C {
     parse_from::<C, _, _>(std::env::args_os())
 }
 
-/// [`parse`] with the arguments given (the environment is still read).
+/// [`parse_from`] with the arguments given (the environment is still read).
 pub fn parse_from<C, I, T>(args: I) -> C
 where
     C: Parser,
@@ -22,6 +22,58 @@ where
 {
     let matches = without_empty_env(C::command()).get_matches_from(args);
     C::from_arg_matches(&matches).unwrap_or_else(|err| err.exit())
+}
+
+/// [`parse`], with the `KEY=value` lines of `env_file` (a compose `.env`,
+/// if there is one) as defaults below the flags and the real environment.
+/// The process environment is not touched.
+pub fn parse_with_env_file<C: Parser>(env_file: &std::path::Path) -> C {
+    let defaults = std::fs::read_to_string(env_file)
+        .map(|text| env_file_values(&text))
+        .unwrap_or_default();
+    let command = without_empty_env(C::command());
+    let command = with_defaults(command, &defaults);
+    let matches = command.get_matches();
+    C::from_arg_matches(&matches).unwrap_or_else(|err| err.exit())
+}
+
+/// The `KEY=value` lines of an env file (`#` comments, optional quotes;
+/// empty values are left out, as compose reads them as unset).
+pub fn env_file_values(text: &str) -> std::collections::HashMap<String, String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .filter_map(|line| line.split_once('='))
+        .map(|(key, value)| {
+            let value = value.trim();
+            let unquoted = value
+                .strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .or_else(|| value.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
+                .unwrap_or(value);
+            (key.trim().to_owned(), unquoted.to_owned())
+        })
+        .filter(|(_, value)| !value.is_empty())
+        .collect()
+}
+
+fn with_defaults(
+    command: Command,
+    defaults: &std::collections::HashMap<String, String>,
+) -> Command {
+    command
+        .mut_args(|arg| {
+            let from_file = arg
+                .get_env()
+                .filter(|name| std::env::var_os(name).is_none_or(|value| value.is_empty()))
+                .and_then(|name| defaults.get(name.to_str()?));
+            match from_file {
+                // Once per process, at start-up: clap keeps defaults as 'static.
+                Some(value) => arg.default_value(&*Box::leak(value.clone().into_boxed_str())),
+                None => arg,
+            }
+        })
+        .mut_subcommands(|sub| with_defaults(sub, defaults))
 }
 
 fn without_empty_env(command: Command) -> Command {
@@ -133,7 +185,27 @@ pub fn redacted(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::redacted;
+    use super::{env_file_values, redacted};
+
+    #[test]
+    fn an_env_file_gives_its_values_without_comments_quotes_or_empties() {
+        let values = env_file_values(
+            "# comment\nTAREAS_TOKEN=\"s3cret\"\n  DISTRIBUIDOR_ADDR = 127.0.0.1:8888\nEMPTY=\nQUOTED='a b'\nnonsense\n",
+        );
+        assert_eq!(
+            values.get("TAREAS_TOKEN").map(String::as_str),
+            Some("s3cret")
+        );
+        assert_eq!(
+            values.get("DISTRIBUIDOR_ADDR").map(String::as_str),
+            Some("127.0.0.1:8888")
+        );
+        assert_eq!(values.get("QUOTED").map(String::as_str), Some("a b"));
+        assert!(
+            !values.contains_key("EMPTY") && values.len() == 3,
+            "{values:?}"
+        );
+    }
 
     #[test]
     fn redacted_hides_the_password_and_keeps_the_rest() {

@@ -96,15 +96,35 @@ async fn only_a_right_token_is_served_and_failures_never_slow_a_bystander() {
         "the 5th failure from one address waits 1.6 s: {:?}",
         started.elapsed()
     );
-    // The command-line client presents its token from the environment.
-    let output = tokio::process::Command::new(tareas_integration::binary("cliente"))
-        .args(["--addr", &distribuidor.addr, "ping"])
-        .env("TAREAS_TOKEN", "alpha-secret-0123456789")
-        .output()
-        .await
-        .expect("run cliente");
-    assert!(output.status.success(), "{output:?}");
-    assert!(String::from_utf8_lossy(&output.stdout).contains("pong"));
+    // The command-line client presents its token from the environment, or
+    // from a compose `.env` in its working directory.
+    let dir = std::env::temp_dir().join(format!("{}-cliente", deployment.queue));
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(
+        dir.join(".env"),
+        format!(
+            "# compose settings\nTAREAS_TOKEN=\"alpha-secret-0123456789\"\nDISTRIBUIDOR_ADDR={}\n",
+            distribuidor.addr
+        ),
+    )
+    .expect(".env");
+    for from_env_file in [false, true] {
+        let mut command = tokio::process::Command::new(tareas_integration::binary("cliente"));
+        command
+            .env_remove("TAREAS_TOKEN")
+            .env_remove("DISTRIBUIDOR_ADDR");
+        if from_env_file {
+            command.current_dir(&dir).arg("ping");
+        } else {
+            command
+                .args(["--addr", &distribuidor.addr, "ping"])
+                .env("TAREAS_TOKEN", "alpha-secret-0123456789");
+        }
+        let output = command.output().await.expect("run cliente");
+        assert!(output.status.success(), "{from_env_file}: {output:?}");
+        assert!(String::from_utf8_lossy(&output.stdout).contains("pong"));
+    }
+    let _ = std::fs::remove_dir_all(dir);
     distribuidor.stop().await;
     deployment.stop().await;
 }
