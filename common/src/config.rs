@@ -69,7 +69,10 @@ fn with_defaults(
                 .and_then(|name| defaults.get(name.to_str()?));
             match from_file {
                 // Once per process, at start-up: clap keeps defaults as 'static.
-                Some(value) => arg.default_value(&*Box::leak(value.clone().into_boxed_str())),
+                // Hidden from --help: an .env holds tokens and passwords.
+                Some(value) => arg
+                    .default_value(&*Box::leak(value.clone().into_boxed_str()))
+                    .hide_default_value(true),
                 None => arg,
             }
         })

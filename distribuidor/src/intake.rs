@@ -221,16 +221,18 @@ impl Shared {
             if !matches!(err, PublishError::Disconnected) {
                 tracing::warn!(cause = %err, "publish failed; the client is told");
             }
-            if let Publish::NewRow(version) = &publish {
-                // A refusal promises the task will NOT run: its row must go
-                // first, or the outbox relay would publish it later.
-                if !err.certainly_not_queued() {
-                    return Err(Refusal::Uncertain);
-                }
-                if let Err(err) = self.db.forget_unpublished(task_id, version).await {
-                    tracing::debug!(cause = %err, "could not remove the unpublished row");
-                    return Err(Refusal::Uncertain);
-                }
+            // A refusal promises the task will NOT run: its row must go
+            // first, or the outbox relay would publish it later. A queued
+            // row of an earlier submission stays: that task may run.
+            let Publish::NewRow(version) = &publish else {
+                return Err(Refusal::Uncertain);
+            };
+            if !err.certainly_not_queued() {
+                return Err(Refusal::Uncertain);
+            }
+            if let Err(err) = self.db.forget_unpublished(task_id, version).await {
+                tracing::debug!(cause = %err, "could not remove the unpublished row");
+                return Err(Refusal::Uncertain);
             }
             if matches!(err, PublishError::Nacked) && self.broker.queue_is_full().await {
                 return Err(Refusal::QueueFull);

@@ -19,8 +19,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::Broker;
 
-/// Rows one pass takes at most.
-const BATCH: i64 = 500;
+/// Rows one pass takes at most (they stay locked while it publishes them).
+const BATCH: i64 = 100;
 
 /// What the relay of one distribuidor works with.
 pub struct Relay {
@@ -39,6 +39,10 @@ pub async fn run(relay: Relay, shutdown: CancellationToken) {
     // Often enough to keep the heartbeat fresh and to find an orphan soon
     // after its time; never busier than once a second.
     let every = (relay.orphan_after / 2).clamp(Duration::from_secs(1), OWNER_ALIVE / 3);
+    // The heartbeat beats on its own, so a long pass never makes this
+    // process look dead to the other replicas.
+    let beating = heartbeat(relay.db.clone(), relay.instance.clone(), shutdown.clone());
+    tokio::spawn(beating);
     let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -46,9 +50,9 @@ pub async fn run(relay: Relay, shutdown: CancellationToken) {
             () = shutdown.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        // PostgreSQL or RabbitMQ away: the next tick tries again (the
-        // submissions' own path logs the outage).
-        if relay.db.heartbeat(&relay.instance).await.is_err() || !relay.broker.is_connected() {
+        // RabbitMQ away: the next tick tries again (the submissions' own
+        // path logs the outage).
+        if !relay.broker.is_connected() {
             continue;
         }
         match pass(&relay).await {
@@ -59,6 +63,19 @@ pub async fn run(relay: Relay, shutdown: CancellationToken) {
             ),
             Err(err) => tracing::debug!(cause = %err, "outbox relay pass failed; retrying"),
         }
+    }
+}
+
+/// Says this process is alive, every few seconds, until `shutdown`.
+async fn heartbeat(db: Db, instance: String, shutdown: CancellationToken) {
+    let mut ticks = tokio::time::interval(OWNER_ALIVE / 5);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        // PostgreSQL away: the next beat tries again.
+        let _ = db.heartbeat(&instance).await;
     }
 }
 

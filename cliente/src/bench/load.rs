@@ -199,14 +199,21 @@ impl Job {
         let reconnect = self.retry_unavailable && !self.notify;
         let mut remaining = self.ids.clone();
         let mut client = client;
+        // Connections in a row that got no ack: past it, give up.
+        let mut fruitless = 0;
         loop {
             let pending = Arc::new(Mutex::new(Pending::default()));
             match self.run_once(client, &remaining, &pending).await {
                 Ok(()) => return Ok(()),
-                Err(_) if reconnect => {
+                Err(err) if reconnect => {
                     let acked = std::mem::take(&mut lock(&pending).acked_ids);
+                    fruitless = if acked.is_empty() { fruitless + 1 } else { 0 };
+                    if fruitless > 50 {
+                        return Err(err.context("50 connections in a row got no ack"));
+                    }
                     remaining.retain(|id| !acked.contains(id));
                     lock(&self.totals.result).reconnects += 1;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                     client = self.connect_again().await?;
                 }
                 Err(err) => return Err(err),
@@ -245,7 +252,7 @@ impl Job {
             let retry = self.retry_unavailable.then_some(resend_tx);
             let notify = self.notify;
             tokio::spawn(async move {
-                receive(
+                let received = receive(
                     &mut reader,
                     count,
                     notify,
@@ -255,7 +262,13 @@ impl Job {
                     &totals,
                     &progress,
                 )
-                .await
+                .await;
+                if received.is_err() {
+                    // The connection is gone: a sender waiting for a window
+                    // slot must not wait for ever.
+                    window.close();
+                }
+                received
             })
         };
         for id in ids {

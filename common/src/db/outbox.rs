@@ -13,6 +13,12 @@ use deadpool_postgres::Pool;
 use super::{Db, DbError};
 use crate::task::{TaskId, TaskMessage};
 
+/// Records confirmed publishes. Whatever the row's state: a worker may
+/// have claimed it before the mark lands, and a row that goes back to
+/// `queued` for a retry must not look unpublished.
+const MARK_PUBLISHED: &str =
+    "UPDATE tasks SET published_at = now() WHERE task_id = ANY($1) AND published_at IS NULL";
+
 /// How long a distribuidor counts as alive after its last heartbeat.
 pub const OWNER_ALIVE: Duration = Duration::from_secs(15);
 
@@ -66,7 +72,8 @@ impl Db {
         let rows = transaction
             .query(
                 "SELECT task_id, task_type, payload FROM tasks t
-                 WHERE state = 'queued' AND published_at IS NULL AND queue = $1
+                 WHERE state = 'queued' AND published_at IS NULL AND worker_id IS NULL
+                   AND queue = $1
                    AND created_at < now() - make_interval(secs => $2)
                    AND (owner IS NULL
                         OR created_at < now() - make_interval(secs => $3)
@@ -102,12 +109,7 @@ impl Db {
                 published.push(task_id);
             }
         }
-        transaction
-            .execute(
-                "UPDATE tasks SET published_at = now() WHERE task_id = ANY($1)",
-                &[&published],
-            )
-            .await?;
+        transaction.execute(MARK_PUBLISHED, &[&published]).await?;
         transaction.commit().await?;
         Ok(published.len())
     }
@@ -120,13 +122,7 @@ pub(super) async fn mark_published_batch(
 ) -> Result<Vec<Result<(), DbError>>, DbError> {
     let client = pool.get().await?;
     let ids: Vec<&str> = task_ids.iter().map(String::as_str).collect();
-    client
-        .execute(
-            "UPDATE tasks SET published_at = now()
-             WHERE task_id = ANY($1) AND state = 'queued' AND published_at IS NULL",
-            &[&ids],
-        )
-        .await?;
+    client.execute(MARK_PUBLISHED, &[&ids]).await?;
     Ok(task_ids.iter().map(|_| Ok(())).collect())
 }
 
