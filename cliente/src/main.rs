@@ -6,7 +6,6 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use cliente::{demo, dlq, Endpoint};
-use sha2::Digest;
 use tareas_common::config::{BrokerArgs, DatabaseArgs};
 use tareas_common::protocol::{Reply, Request, TaskRequest};
 use tareas_common::task::TaskState;
@@ -154,11 +153,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 uuid::Uuid::new_v4().simple(),
                 uuid::Uuid::new_v4().simple()
             );
-            let digest = sha2::Sha256::digest(token.as_bytes());
             println!("token (give it to the client; it is not stored anywhere): {token}");
             println!(
-                "line for TAREAS_TOKENS_FILE: {name} {}",
-                hex::encode(digest)
+                "line for TAREAS_TOKENS_FILE: {}",
+                tareas_common::token::file_line(&name, &token)
             );
             Ok(())
         }

@@ -24,4 +24,5 @@ pub mod s3;
 pub mod shutdown;
 pub mod task;
 pub mod telemetry;
+pub mod token;
 pub mod topology;

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
+use tareas_common::token::digest;
 
 use crate::config::Secret;
 
@@ -139,11 +139,6 @@ impl Tokens {
             .saturating_mul(2u32.saturating_pow(count.saturating_sub(1).min(16)))
             .min(MAX_DELAY)
     }
-}
-
-/// SHA-256 of a token.
-pub fn digest(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
 }
 
 /// Client names are 1–64 of `[A-Za-z0-9._-]` (they name S3 keys), and

@@ -52,14 +52,8 @@ pub async fn read_header<S: AsyncRead + Unpin>(
         return Ok(None);
     }
     Ok(match parsed.addresses {
-        ppp::v2::Addresses::IPv4(ip) => Some(SocketAddr::new(
-            IpAddr::V4(ip.source_address),
-            ip.source_port,
-        )),
-        ppp::v2::Addresses::IPv6(ip) => Some(SocketAddr::new(
-            IpAddr::V6(ip.source_address),
-            ip.source_port,
-        )),
+        ppp::v2::Addresses::IPv4(ip) => Some(source(ip.source_address, ip.source_port)),
+        ppp::v2::Addresses::IPv6(ip) => Some(source(ip.source_address, ip.source_port)),
         ppp::v2::Addresses::Unspecified | ppp::v2::Addresses::Unix(_) => None,
     })
 }
@@ -78,16 +72,14 @@ async fn read_v1<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Option<SocketAd
     let parsed = ppp::v1::Header::try_from(&line[..])
         .map_err(|err| ProxyError::Malformed(err.to_string()))?;
     Ok(match parsed.addresses {
-        ppp::v1::Addresses::Tcp4(ip) => Some(SocketAddr::new(
-            IpAddr::V4(ip.source_address),
-            ip.source_port,
-        )),
-        ppp::v1::Addresses::Tcp6(ip) => Some(SocketAddr::new(
-            IpAddr::V6(ip.source_address),
-            ip.source_port,
-        )),
+        ppp::v1::Addresses::Tcp4(ip) => Some(source(ip.source_address, ip.source_port)),
+        ppp::v1::Addresses::Tcp6(ip) => Some(source(ip.source_address, ip.source_port)),
         ppp::v1::Addresses::Unknown => None,
     })
+}
+
+fn source(address: impl Into<IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::new(address.into(), port)
 }
 
 /// A v2 header for `client` connecting to `server`, as HAProxy's
