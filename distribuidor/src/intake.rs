@@ -230,9 +230,14 @@ impl Shared {
             if !err.certainly_not_queued() {
                 return Err(Refusal::Uncertain);
             }
-            if let Err(err) = self.db.forget_unpublished(task_id, version).await {
-                tracing::debug!(cause = %err, "could not remove the unpublished row");
-                return Err(Refusal::Uncertain);
+            match self.db.forget_unpublished(task_id, version).await {
+                Ok(true) => {}
+                // Another submission of the id published it meanwhile.
+                Ok(false) => return Err(Refusal::Uncertain),
+                Err(err) => {
+                    tracing::debug!(cause = %err, "could not remove the unpublished row");
+                    return Err(Refusal::Uncertain);
+                }
             }
             if matches!(err, PublishError::Nacked) && self.broker.queue_is_full().await {
                 return Err(Refusal::QueueFull);

@@ -106,21 +106,22 @@ impl Db {
     /// Removes the row of a submission that RabbitMQ certainly did not take
     /// (the client got `unavailable`), so no `queued` row outlives it —
     /// unless another submission of the same id published it meanwhile
-    /// ([`Db::keep_queued`] changed its version).
+    /// ([`Db::keep_queued`] changed its version). `false`: the row stays,
+    /// so the task may run after all.
     pub async fn forget_unpublished(
         &self,
         task_id: &str,
         version: &RowVersion,
-    ) -> Result<(), DbError> {
+    ) -> Result<bool, DbError> {
         let client = self.pool.get().await?;
-        client
+        let removed = client
             .execute(
                 "DELETE FROM tasks
                  WHERE task_id = $1 AND state = 'queued' AND attempts = 0 AND xmin::text = $2",
                 &[&task_id, &version.0],
             )
             .await?;
-        Ok(())
+        Ok(removed > 0)
     }
 
     /// After republishing a task whose row was `queued`: gives the row a new
