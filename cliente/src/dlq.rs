@@ -15,14 +15,26 @@ use lapin::{Channel, Connection};
 use tareas_common::amqp::{self, Envelope};
 use tareas_common::config::{redacted, BrokerArgs, DatabaseArgs};
 use tareas_common::db::Db;
-use tareas_common::task::TaskMessage;
+use tareas_common::task::{TaskId, TaskKey, TaskMessage};
+use tareas_common::token::ANONYMOUS;
 use tareas_common::topology::Topology;
 
 /// Which dead-lettered tasks to replay.
 #[derive(Debug, Clone)]
 pub enum Selection {
-    One(String),
+    One(TaskKey),
     All,
+}
+
+/// The task `task_id` of `client` (none: the anonymous scope).
+pub fn key(client: Option<&str>, task_id: &str) -> anyhow::Result<TaskKey> {
+    let id = TaskId::parse(task_id)?;
+    let client = client.unwrap_or(ANONYMOUS);
+    if client != ANONYMOUS {
+        tareas_common::token::check_client_name(client)
+            .map_err(|problem| anyhow::anyhow!("--client {client:?}: {problem}"))?;
+    }
+    Ok(TaskKey::new(client, &id))
 }
 
 /// One dead-lettered message, as `list` shows it.
@@ -140,7 +152,7 @@ pub async fn replay(
         };
         let chosen = match selection {
             Selection::All => true,
-            Selection::One(id) => task.task_id.as_str() == id,
+            Selection::One(key) => task.task_id == *key,
         };
         if !chosen {
             continue;

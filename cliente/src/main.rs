@@ -87,9 +87,13 @@ enum DlqCommand {
     List,
     /// Make dead-lettered tasks run again: one by id, or --all.
     Replay {
-        /// The task to replay.
+        /// The task to replay, as its client named it.
         #[arg(required_unless_present = "all", conflicts_with = "all")]
         task_id: Option<String>,
+        /// The client that submitted it (its token's name); without it, a
+        /// task of the anonymous scope. `dlq list` shows `<client>/<task_id>`.
+        #[arg(long, conflicts_with = "all")]
+        client: Option<String>,
         /// Replay every dead-lettered task.
         #[arg(long)]
         all: bool,
@@ -146,37 +150,47 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Bench(args)) => bench(addr, &args).await,
         Some(Command::Token {
             command: TokenCommand::New { name },
-        }) => {
-            // 244 random bits from the system's generator, as 64 hex digits.
-            let token = format!(
-                "{}{}",
-                uuid::Uuid::new_v4().simple(),
-                uuid::Uuid::new_v4().simple()
-            );
-            println!("token (give it to the client; it is not stored anywhere): {token}");
-            println!(
-                "line for TAREAS_TOKENS_FILE: {}",
-                tareas_common::token::file_line(&name, &token)
-            );
-            Ok(())
-        }
+        }) => new_token(&name),
         Some(Command::Dlq {
             command: DlqCommand::List,
             broker,
             ..
         }) => dlq_list(&broker).await,
         Some(Command::Dlq {
-            command: DlqCommand::Replay { task_id, all: _ },
+            command:
+                DlqCommand::Replay {
+                    task_id,
+                    client,
+                    all: _,
+                },
             broker,
             database,
         }) => {
             let selection = match task_id {
-                Some(id) => dlq::Selection::One(id),
+                Some(id) => dlq::Selection::One(dlq::key(client.as_deref(), &id)?),
                 None => dlq::Selection::All,
             };
             dlq_replay(&broker, &database, &selection).await
         }
     }
+}
+
+/// `token new NAME`: a fresh token and its `TAREAS_TOKENS_FILE` line.
+fn new_token(name: &str) -> anyhow::Result<()> {
+    tareas_common::token::check_client_name(name)
+        .map_err(|problem| anyhow::anyhow!("client name {name:?}: {problem}"))?;
+    // 244 random bits from the system's generator, as 64 hex digits.
+    let token = format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
+    println!("token (give it to the client; it is not stored anywhere): {token}");
+    println!(
+        "line for TAREAS_TOKENS_FILE: {}",
+        tareas_common::token::file_line(name, &token)
+    );
+    Ok(())
 }
 
 /// No command: one task of each built-in type.

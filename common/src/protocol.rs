@@ -141,6 +141,9 @@ pub enum ErrorCode {
     /// The distribuidor requires a token: the connection sent something
     /// else first, a wrong token, or nothing in time. It is closed.
     Unauthenticated,
+    /// The client already submitted this `task_id` with another task type
+    /// or payload: the task was NOT accepted; the connection stays usable.
+    Conflict,
 }
 
 impl ErrorCode {
@@ -160,6 +163,7 @@ impl ErrorCode {
             ErrorCode::QuotaExceeded => "quota_exceeded",
             ErrorCode::Uncertain => "uncertain",
             ErrorCode::Unauthenticated => "unauthenticated",
+            ErrorCode::Conflict => "conflict",
         }
     }
 }

@@ -11,12 +11,10 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use tareas_common::token::digest;
+pub use tareas_common::token::ANONYMOUS;
+use tareas_common::token::{check_client_name, digest};
 
 use crate::config::Secret;
-
-/// The name anonymous clients share when no tokens are configured.
-pub const ANONYMOUS: &str = "anonymous";
 
 /// The first failure's delay; each further one from the same address doubles it.
 const FIRST_DELAY: Duration = Duration::from_millis(100);
@@ -61,7 +59,7 @@ impl Tokens {
                 problem,
             };
             let (name, token) = entry.0.split_once('=').ok_or(malformed("no `=`"))?;
-            check_name(name).map_err(malformed)?;
+            check_client_name(name).map_err(malformed)?;
             if token.is_empty() {
                 return Err(malformed("an empty token"));
             }
@@ -83,7 +81,7 @@ impl Tokens {
                     problem,
                 };
                 let (name, hex_digest) = line.split_once(' ').ok_or(malformed("no space"))?;
-                check_name(name).map_err(malformed)?;
+                check_client_name(name).map_err(malformed)?;
                 let bytes = hex::decode(hex_digest.trim())
                     .map_err(|_| malformed("the digest is not hexadecimal"))?;
                 let digest: [u8; 32] = bytes
@@ -139,25 +137,6 @@ impl Tokens {
             .saturating_mul(2u32.saturating_pow(count.saturating_sub(1).min(16)))
             .min(MAX_DELAY)
     }
-}
-
-/// Client names are 1–64 of `[A-Za-z0-9._-]` (they name S3 keys), and
-/// `anonymous` is the shared name of clients without a token.
-fn check_name(name: &str) -> Result<(), &'static str> {
-    let valid = (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if !valid {
-        return Err("a client name is 1 to 64 of A-Z a-z 0-9 . _ -");
-    }
-    if name == ANONYMOUS {
-        return Err("`anonymous` is reserved for clients without a token");
-    }
-    if name.parse::<std::net::IpAddr>().is_ok() {
-        return Err("a client name cannot be an address (addresses name clients without a token)");
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures::stream::{FuturesOrdered, StreamExt};
 use tareas_common::protocol::{ErrorCode, Reply, Request};
-use tareas_common::task::TaskId;
+use tareas_common::task::TaskKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -79,6 +79,9 @@ struct Client {
     /// Who is connected, as the quota counts it: the client its token
     /// names, else its address.
     peer: Arc<str>,
+    /// Whose task ids it names: the client its token names, else the
+    /// scope all anonymous clients share.
+    scope: Arc<str>,
     /// Its address (no port), for the delays of failed authentications.
     address: Arc<str>,
     /// What every connection shares: database, broker, router.
@@ -97,9 +100,9 @@ struct Client {
     /// The bytes of results queued for this client, within its limit.
     budget: Arc<Budget>,
     /// Acked tasks whose result this connection waits for.
-    subscribed: HashSet<TaskId>,
+    subscribed: HashSet<TaskKey>,
     /// Task requests whose ack is not written yet, and results that beat their ack.
-    unacked: HashMap<TaskId, Unacked>,
+    unacked: HashMap<TaskKey, Unacked>,
     /// Requests in progress; they finish in any order, replies leave in order.
     pending: FuturesOrdered<Pending>,
     /// What each request in `pending` holds, in the same order.
@@ -155,6 +158,7 @@ impl Client {
         Client {
             id,
             peer: "unknown".into(),
+            scope: crate::auth::ANONYMOUS.into(),
             address: "unknown".into(),
             shared,
             reader,
@@ -364,7 +368,7 @@ impl Client {
             Frame::Object(bytes) if !self.authenticated => self.authenticate(&bytes),
             Frame::Object(bytes) => start_request(
                 &bytes,
-                (self.id, &self.peer),
+                (self.id, &self.peer, &self.scope),
                 &self.shared,
                 &self.results_tx,
                 &mut self.unacked,
@@ -403,6 +407,7 @@ impl Client {
             self.authenticated = true;
             self.auth_deadline = None;
             self.peer = client.into();
+            self.scope = self.peer.clone();
             return ready(Reply::Auth {
                 ok: true,
                 client: client.to_owned(),
@@ -561,10 +566,10 @@ struct Unacked {
 /// Parses one frame and starts handling it.
 fn start_request(
     bytes: &[u8],
-    (id, peer): (ConnectionId, &Arc<str>),
+    (id, peer, scope): (ConnectionId, &Arc<str>, &Arc<str>),
     shared: &Arc<Shared>,
     results: &ResultSender,
-    unacked: &mut HashMap<TaskId, Unacked>,
+    unacked: &mut HashMap<TaskKey, Unacked>,
 ) -> Pending {
     let request = match Request::parse(bytes) {
         Ok(request) => request,
@@ -598,9 +603,10 @@ fn start_request(
         }
         Request::Status { task_id } => {
             let shared = shared.clone();
-            Box::pin(async move { Handled::reply(shared.status(task_id).await) })
+            let scope = scope.clone();
+            Box::pin(async move { Handled::reply(shared.status(&scope, task_id).await) })
         }
-        Request::Task(task) => match shared.prepare(task) {
+        Request::Task(task) => match shared.prepare(task, scope) {
             Err(err) => ready(err.into_reply()),
             Ok(task) => {
                 unacked.entry(task.task_id.clone()).or_default().submissions += 1;

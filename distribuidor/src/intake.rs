@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tareas_common::builtin::{self, PayloadError};
 use tareas_common::db::{Db, Origin, RowVersion, Submission, TaskRecord};
 use tareas_common::protocol::{ErrorCode, Reply, RequestError, StatusState, TaskRequest};
-use tareas_common::task::{TaskId, TaskMessage, TaskReport, TaskState};
+use tareas_common::task::{TaskId, TaskKey, TaskMessage, TaskReport, TaskState};
 
 use tareas_common::backoff::POSTGRES;
 
@@ -43,8 +43,8 @@ pub struct Shared {
 /// task whose ack, or refusal, it carries).
 pub struct Handled {
     pub replies: Vec<Reply>,
-    pub subscribed: Option<TaskId>,
-    pub settles: Option<TaskId>,
+    pub subscribed: Option<TaskKey>,
+    pub settles: Option<TaskKey>,
 }
 
 impl Handled {
@@ -59,9 +59,9 @@ impl Handled {
 }
 
 impl Shared {
-    /// Turns a task request into the message to queue, or says why not.
-    /// Runs before anything is written anywhere.
-    pub fn prepare(&self, request: TaskRequest) -> Result<TaskMessage, RequestError> {
+    /// Turns a task request of client `scope` into the message to queue,
+    /// or says why not. Runs before anything is written anywhere.
+    pub fn prepare(&self, request: TaskRequest, scope: &str) -> Result<TaskMessage, RequestError> {
         let task_id = match &request.task_id {
             Some(raw) => TaskId::parse(raw)?,
             None => TaskId::generate(),
@@ -86,7 +86,7 @@ impl Shared {
             return Err(refuse(PayloadError::UnknownTaskType(task_type)));
         }
         Ok(TaskMessage {
-            task_id,
+            task_id: TaskKey::new(scope, &task_id),
             task_type,
             payload,
             notify: request.notify.unwrap_or(true),
@@ -113,7 +113,7 @@ impl Shared {
             self.router.subscribe(&task_id, connection, results);
         }
         let ack = Reply::Ack {
-            task_id: task_id.clone(),
+            task_id: task_id.id(),
             status: TaskState::Queued,
         };
         match self.queue(&task, client).await {
@@ -126,7 +126,8 @@ impl Shared {
                 self.router.unsubscribe(&task_id, connection);
                 let mut replies = vec![ack];
                 if task.notify {
-                    replies.push(Reply::Result(report_from_record(&task_id, record)));
+                    let report = report_from_record(&task_id, record).for_its_client();
+                    replies.push(Reply::Result(report));
                 }
                 Handled {
                     replies,
@@ -136,7 +137,7 @@ impl Shared {
             }
             Err(refusal) => {
                 self.router.unsubscribe(&task_id, connection);
-                let reply = refusal.reply(&task_id);
+                let reply = refusal.reply(&task_id.id());
                 Handled {
                     settles: Some(task_id),
                     ..Handled::reply(reply)
@@ -201,6 +202,7 @@ impl Shared {
             }
             // Running: the message that runs it is in RabbitMQ already.
             Submission::Existing(_) => return Ok(Queued::Running),
+            Submission::Conflict => return Err(Refusal::Conflict),
         };
         let new_row = matches!(publish, Publish::NewRow(_));
         self.publish(task, publish).await?;
@@ -271,12 +273,13 @@ impl Shared {
         }
     }
 
-    /// Answers `{"type":"status"}`.
-    pub async fn status(&self, raw_task_id: String) -> Reply {
-        if let Err(err) = TaskId::parse(&raw_task_id) {
-            return Reply::error(ErrorCode::InvalidRequest, err.to_string(), None);
-        }
-        match self.db.status(&raw_task_id).await {
+    /// Answers `{"type":"status"}` of client `scope`: its own tasks only.
+    pub async fn status(&self, scope: &str, raw_task_id: String) -> Reply {
+        let key = match TaskId::parse(&raw_task_id) {
+            Ok(id) => TaskKey::new(scope, &id),
+            Err(err) => return Reply::error(ErrorCode::InvalidRequest, err.to_string(), None),
+        };
+        match self.db.status(key.as_str()).await {
             Ok(Some(record)) => Reply::Status {
                 task_id: raw_task_id,
                 state: StatusState::from(record.state),
@@ -332,6 +335,8 @@ enum Refusal {
     QueueFull,
     /// The client has this many tasks queued or running: `quota_exceeded`.
     QuotaExceeded(u64),
+    /// The client used this id for another task type or payload: `conflict`.
+    Conflict,
     /// The publish may or may not have reached the queue: `uncertain`.
     Uncertain,
 }
@@ -355,6 +360,13 @@ impl Refusal {
                      retry when some have finished"
                 ),
             ),
+            Refusal::Conflict => (
+                ErrorCode::Conflict,
+                "this task_id was already submitted with another task_type or payload; the \
+                 task was NOT accepted. Choose a new task_id (or resend the first task's \
+                 exact fields to get its result)"
+                    .to_owned(),
+            ),
             Refusal::Uncertain => (
                 ErrorCode::Uncertain,
                 "RabbitMQ's answer was lost; the task may or may not run. Resubmitting the \
@@ -372,7 +384,7 @@ impl Refusal {
     }
 }
 
-pub(crate) fn report_from_record(task_id: &TaskId, record: TaskRecord) -> TaskReport {
+pub(crate) fn report_from_record(task_id: &TaskKey, record: TaskRecord) -> TaskReport {
     TaskReport {
         task_id: task_id.clone(),
         status: record.state,

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tareas_common::protocol::Reply;
-use tareas_common::task::{TaskId, TaskReport};
+use tareas_common::task::{TaskKey, TaskReport};
 use tokio::sync::{mpsc, Notify};
 
 use crate::memory::Memory;
@@ -30,7 +30,7 @@ pub type ConnectionId = u64;
 /// A result on its way to one connection: its task, and the line to write.
 #[derive(Debug, Clone)]
 pub struct Pushed {
-    pub task_id: TaskId,
+    pub task_id: TaskKey,
     pub line: Bytes,
 }
 
@@ -129,7 +129,7 @@ impl ResultSender {
 /// task id → the connections that want its result.
 #[derive(Default)]
 pub struct Router {
-    subscribers: Mutex<HashMap<TaskId, Vec<(ConnectionId, ResultSender)>>>,
+    subscribers: Mutex<HashMap<TaskKey, Vec<(ConnectionId, ResultSender)>>>,
 }
 
 impl Router {
@@ -138,7 +138,7 @@ impl Router {
     }
 
     /// `connection` wants the result of `task_id`, sent to `sender`.
-    pub fn subscribe(&self, task_id: &TaskId, connection: ConnectionId, sender: &ResultSender) {
+    pub fn subscribe(&self, task_id: &TaskKey, connection: ConnectionId, sender: &ResultSender) {
         let mut subscribers = self.lock();
         let entry = subscribers.entry(task_id.clone()).or_default();
         if !entry.iter().any(|(id, _)| *id == connection) {
@@ -147,7 +147,7 @@ impl Router {
     }
 
     /// `connection` no longer wants `task_id` (it closed, or the task was refused).
-    pub fn unsubscribe(&self, task_id: &TaskId, connection: ConnectionId) {
+    pub fn unsubscribe(&self, task_id: &TaskKey, connection: ConnectionId) {
         let mut subscribers = self.lock();
         if let Some(entry) = subscribers.get_mut(task_id) {
             entry.retain(|(id, _)| *id != connection);
@@ -169,7 +169,7 @@ impl Router {
             return 0;
         };
         let task_id = report.task_id.clone();
-        let line = Bytes::from(Reply::Result(report).to_line());
+        let line = Bytes::from(Reply::Result(report.for_its_client()).to_line());
         let mut delivered = 0;
         for (connection, sender) in entry {
             let pushed = Pushed {
@@ -186,7 +186,7 @@ impl Router {
     }
 
     /// The tasks that have subscribers.
-    pub fn waiting(&self) -> Vec<TaskId> {
+    pub fn waiting(&self) -> Vec<TaskKey> {
         self.lock().keys().cloned().collect()
     }
 
@@ -201,7 +201,7 @@ impl Router {
 
     fn lock(
         &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<TaskId, Vec<(ConnectionId, ResultSender)>>> {
+    ) -> std::sync::MutexGuard<'_, HashMap<TaskKey, Vec<(ConnectionId, ResultSender)>>> {
         // A panic while holding this lock cannot leave the map inconsistent.
         self.subscribers
             .lock()
@@ -220,9 +220,9 @@ pub fn shrink<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tareas_common::task::TaskState;
+    use tareas_common::task::{TaskId, TaskState};
 
-    fn report(id: &TaskId) -> TaskReport {
+    fn report(id: &TaskKey) -> TaskReport {
         TaskReport {
             task_id: id.clone(),
             status: TaskState::Succeeded,
@@ -236,7 +236,7 @@ mod tests {
     #[test]
     fn delivers_once_to_each_subscriber() {
         let router = Router::new();
-        let id = TaskId::generate();
+        let id = TaskKey::from(TaskId::generate());
         let memory = Arc::new(Memory::new(1 << 20));
         let (a, mut a_rx, _) = result_queue(1 << 20, memory.clone());
         let (b, mut b_rx, _) = result_queue(1 << 20, memory);
@@ -253,13 +253,13 @@ mod tests {
     #[tokio::test]
     async fn a_push_past_the_budget_marks_a_slow_consumer_and_never_blocks() {
         let router = Router::new();
-        let line_len = Reply::Result(report(&TaskId::parse("a").unwrap()))
+        let line_len = Reply::Result(report(&TaskKey::parse("a").unwrap()))
             .to_line()
             .len();
         let memory = Arc::new(Memory::new(1 << 20));
         let (tx, mut rx, budget) = result_queue(line_len + line_len / 2, memory.clone());
-        let first = TaskId::parse("a").unwrap();
-        let second = TaskId::parse("b").unwrap();
+        let first = TaskKey::parse("a").unwrap();
+        let second = TaskKey::parse("b").unwrap();
         router.subscribe(&first, 1, &tx);
         router.subscribe(&second, 1, &tx);
         assert_eq!(router.deliver(report(&first)), 1);
@@ -279,7 +279,7 @@ mod tests {
     #[tokio::test]
     async fn a_full_pool_closes_a_holder_and_still_serves_a_reader() {
         let router = Router::new();
-        let ids: Vec<TaskId> = ["a", "b", "c"].map(|id| TaskId::parse(id).unwrap()).into();
+        let ids: Vec<TaskKey> = ["a", "b", "c"].map(|id| TaskKey::parse(id).unwrap()).into();
         let line_len = Reply::Result(report(&ids[0])).to_line().len();
         // Room in the pool for one line; each connection could hold ten.
         let memory = Arc::new(Memory::new(line_len));

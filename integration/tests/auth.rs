@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use tareas_common::protocol::{ErrorCode, Reply, Request};
+use tareas_common::protocol::{ErrorCode, Reply, Request, StatusState};
 use tareas_integration::{next, Deployment, DistribuidorProcess, LIMIT};
 
 const TOKENS: &str = "alpha=alpha-secret-0123456789,beta=beta-secret-0123456789";
@@ -191,5 +191,112 @@ async fn a_token_from_cliente_token_new_works_from_a_tokens_file() {
     );
     distribuidor.stop().await;
     let _ = std::fs::remove_file(file);
+    deployment.stop().await;
+}
+
+/// Connects to `addr` as the client `token` names.
+async fn connect_as(addr: std::net::SocketAddr, token: &str) -> cliente::Client {
+    let endpoint = cliente::Endpoint {
+        addr: addr.to_string(),
+        token: Some(token.to_owned()),
+    };
+    endpoint.connect().await.expect("authenticate")
+}
+
+fn echo(id: &str, text: &str) -> tareas_common::protocol::TaskRequest {
+    tareas_common::protocol::TaskRequest {
+        task_id: Some(id.to_owned()),
+        ..tareas_integration::task("echo", serde_json::json!({ "text": text }))
+    }
+}
+
+/// Sends `request`; its ack and then its result, or the error reply.
+async fn submit(
+    client: &mut cliente::Client,
+    request: tareas_common::protocol::TaskRequest,
+) -> Vec<Reply> {
+    client.send(&Request::Task(request)).await.expect("send");
+    let first = next(client).await;
+    if !matches!(first, Reply::Ack { .. }) {
+        return vec![first];
+    }
+    vec![first, next(client).await]
+}
+
+fn result_text(replies: &[Reply]) -> Option<String> {
+    match replies {
+        [Reply::Ack { .. }, Reply::Result(report)] => {
+            Some(report.result.as_ref()?.get("text")?.as_str()?.to_owned())
+        }
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_id_belongs_to_its_client() {
+    let mut deployment = Deployment::new().await;
+    let mut config = deployment.distribuidor_config();
+    config.tokens = TOKENS
+        .split(',')
+        .map(|entry| tareas_distribuidor::config::Secret(entry.to_owned()))
+        .collect();
+    let distribuidor = deployment.start_distribuidor(config).await;
+    deployment.start_worker(deployment.worker_config("w-scoped", 2));
+    let mut alpha = connect_as(distribuidor.addr, "alpha-secret-0123456789").await;
+    let mut beta = connect_as(distribuidor.addr, "beta-secret-0123456789").await;
+    let id = format!("pedido-{}", uuid::Uuid::new_v4());
+
+    let first = submit(&mut alpha, echo(&id, "de alpha")).await;
+    assert_eq!(
+        result_text(&first).as_deref(),
+        Some("de alpha"),
+        "{first:?}"
+    );
+    beta.send(&Request::Status {
+        task_id: id.clone(),
+    })
+    .await
+    .expect("send");
+    assert!(
+        matches!(
+            next(&mut beta).await,
+            Reply::Status {
+                state: StatusState::Unknown,
+                ..
+            }
+        ),
+        "another client's task is unknown to beta"
+    );
+    // Beta's task of the same id is its own: it runs, and beta gets its result.
+    let second = submit(&mut beta, echo(&id, "de beta")).await;
+    assert_eq!(
+        result_text(&second).as_deref(),
+        Some("de beta"),
+        "{second:?}"
+    );
+    // Alpha got nothing of beta's: its next reply answers its next request.
+    alpha.send(&Request::Ping).await.expect("send");
+    assert_eq!(next(&mut alpha).await, Reply::Pong);
+    // The same id with other fields is a conflict, in alpha's scope too;
+    // the same fields get alpha's stored result.
+    let other = submit(&mut alpha, echo(&id, "otro")).await;
+    assert!(
+        matches!(&other[..], [Reply::Error(e)] if e.code == ErrorCode::Conflict
+            && e.task_id.as_deref() == Some(id.as_str())),
+        "{other:?}"
+    );
+    let again = submit(&mut alpha, echo(&id, "de alpha")).await;
+    assert_eq!(
+        result_text(&again).as_deref(),
+        Some("de alpha"),
+        "{again:?}"
+    );
+    // Each client's result has its own S3 object.
+    for (client, text) in [("alpha", "de alpha"), ("beta", "de beta")] {
+        let document = tareas_integration::s3_document(&format!("{client}/{id}"))
+            .await
+            .unwrap_or_else(|| panic!("results/{client}/{id}.json"));
+        assert_eq!(document["result"]["text"], text);
+    }
     deployment.stop().await;
 }

@@ -91,7 +91,7 @@ async fn a_nul_task_published_straight_to_the_queue_is_dead_lettered() {
     let topology = tareas_integration::topology(&deployment.queue);
     topology.declare(&connection).await.expect("declare");
     let poison = TaskMessage {
-        task_id: TaskId::generate(),
+        task_id: TaskId::generate().into(),
         task_type: "echo".into(),
         payload: json!({"text": "a\u{0}b"}),
         notify: false,

@@ -93,7 +93,7 @@ async fn course_clients_without_newline_or_task_type_work() {
     };
     assert_eq!(status, TaskState::Queued);
     let report = next_result(&mut client).await;
-    assert_eq!(report.task_id, task_id);
+    assert_eq!(report.task_id, task_id.into());
     assert_eq!(report.result, Some(json!({"text": "Renderizar escena"})));
     deployment.stop().await;
 }

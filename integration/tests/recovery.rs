@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 fn message() -> TaskMessage {
     TaskMessage {
-        task_id: TaskId::generate(),
+        task_id: TaskId::generate().into(),
         task_type: "echo".into(),
         payload: json!({"text": "hola"}),
         notify: true,

@@ -267,7 +267,7 @@ async fn an_operator_lists_and_replays_the_dead_letter_queue() {
     let replayed = cliente::dlq::replay(
         &broker,
         &database,
-        &cliente::dlq::Selection::One(id.clone()),
+        &cliente::dlq::Selection::One(cliente::dlq::key(None, &id).expect("key")),
     )
     .await
     .expect("replay");
@@ -363,17 +363,17 @@ async fn sigterm_drains_the_distribuidor() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_submission_never_removes_a_row_another_one_published() {
     use tareas_common::db::Submission;
-    use tareas_common::task::TaskId;
+    use tareas_common::task::{TaskId, TaskKey};
 
     let db = tareas_integration::db();
     db.migrate().await.expect("migrate");
     let message = || TaskMessage {
-        task_id: TaskId::generate(),
+        task_id: TaskId::generate().into(),
         task_type: "echo".into(),
         payload: json!({"text": "twice"}),
         notify: false,
     };
-    let state = |id: TaskId| {
+    let state = |id: TaskKey| {
         let db = db.clone();
         async move {
             db.status(id.as_str())
@@ -448,7 +448,9 @@ async fn a_redelivery_after_the_finish_does_not_run_the_handler_again() {
     let connection = tareas_integration::rabbitmq().await;
     let channel = amqp::confirm_channel(&connection).await.expect("channel");
     let message = TaskMessage {
-        task_id: tareas_common::task::TaskId::parse(&id).expect("task id"),
+        task_id: tareas_common::task::TaskId::parse(&id)
+            .expect("task id")
+            .into(),
         task_type: "counted".into(),
         payload: json!({"key": "k"}),
         notify: false,

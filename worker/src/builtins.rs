@@ -237,7 +237,7 @@ mod tests {
         let mut registry = Registry::new();
         register(&mut registry);
         let task = |text: String| tareas_common::task::TaskMessage {
-            task_id: tareas_common::task::TaskId::generate(),
+            task_id: tareas_common::task::TaskId::generate().into(),
             task_type: HASH.into(),
             payload: json!({ "text": text }),
             notify: false,

@@ -189,7 +189,7 @@ mod tests {
 
     fn task(task_type: &str) -> TaskMessage {
         TaskMessage {
-            task_id: TaskId::generate(),
+            task_id: TaskId::generate().into(),
             task_type: task_type.into(),
             payload: json!({}),
             notify: true,

@@ -60,7 +60,7 @@ impl Baseline {
 
 pub async fn measure(args: &BenchArgs, count: usize) -> anyhow::Result<Baseline> {
     let message = TaskMessage {
-        task_id: TaskId::generate(),
+        task_id: TaskId::generate().into(),
         task_type: args.task_type.clone(),
         payload: args.payload()?,
         notify: true,
@@ -94,7 +94,7 @@ pub async fn rabbitmq_confirm_latency(
     rate: f64,
 ) -> anyhow::Result<Latency> {
     let message = TaskMessage {
-        task_id: TaskId::generate(),
+        task_id: TaskId::generate().into(),
         task_type: args.task_type.clone(),
         payload: args.payload()?,
         notify: true,

@@ -186,7 +186,7 @@ pub(crate) async fn test_db() -> Db {
 #[cfg(test)]
 pub(crate) fn test_task(task_type: &str) -> crate::task::TaskMessage {
     crate::task::TaskMessage {
-        task_id: crate::task::TaskId::generate(),
+        task_id: crate::task::TaskId::generate().into(),
         task_type: task_type.to_owned(),
         payload: serde_json::json!({"text": "hola"}),
         notify: true,

@@ -11,7 +11,7 @@ use std::time::Duration;
 use deadpool_postgres::Pool;
 
 use super::{Db, DbError};
-use crate::task::{TaskId, TaskMessage};
+use crate::task::{TaskKey, TaskMessage};
 
 /// Records confirmed publishes. Whatever the row's state: a worker may
 /// have claimed it before the mark lands, and a row that goes back to
@@ -39,7 +39,7 @@ pub struct Orphans<'a> {
 impl Db {
     /// RabbitMQ confirmed `task_id`'s publish (batched; best effort: a row
     /// left unmarked is only published once more).
-    pub async fn mark_published(&self, task_id: &TaskId) -> Result<(), DbError> {
+    pub async fn mark_published(&self, task_id: &TaskKey) -> Result<(), DbError> {
         self.published.call(task_id.to_string()).await
     }
 
@@ -95,7 +95,7 @@ impl Db {
         let mut published = Vec::new();
         for row in rows {
             let task_id: String = row.try_get(0)?;
-            let Ok(id) = TaskId::parse(&task_id) else {
+            let Ok(id) = TaskKey::parse(&task_id) else {
                 continue;
             };
             let task = TaskMessage {

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::DbError;
-use crate::task::{TaskId, TaskReport, TaskState};
+use crate::task::{TaskKey, TaskReport, TaskState};
 
 /// What a task's row says, as a status request needs it.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,7 +23,7 @@ pub struct TaskRecord {
 /// in S3, the same bytes for the same row.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskRow {
-    pub task_id: TaskId,
+    pub task_id: TaskKey,
     pub task_type: String,
     pub payload: Value,
     pub state: TaskState,

@@ -16,8 +16,12 @@ use crate::task::{TaskMessage, TaskState};
 pub enum Submission {
     /// A new row, state `queued`, in this version.
     New(RowVersion),
-    /// The task id was already known; its row as it stands.
+    /// The task id was already known, with the same task type and payload
+    /// (equal JSON values); its row as it stands.
     Existing(TaskRecord),
+    /// The task id was already known with another task type or payload:
+    /// nothing was written.
+    Conflict,
 }
 
 /// The version of a row one submission wrote (PostgreSQL's `xmin`): if its
@@ -144,7 +148,8 @@ impl Db {
     }
 }
 
-/// One statement for many submissions; ids already known are looked up.
+/// One statement for many submissions; ids already known are looked up
+/// and compared with what was submitted.
 pub(super) async fn insert_queued_batch(
     pool: Pool,
     calls: Arc<[SubmitCall]>,
@@ -153,6 +158,56 @@ pub(super) async fn insert_queued_batch(
     // which is only right if none of it was committed.
     let mut connection = pool.get().await?;
     let client = connection.transaction().await?;
+    let mut inserted = insert_new(&client, &calls).await?;
+    // Every call but the one that wrote its row: a known id, or a repeat
+    // within the batch of one written by an earlier call.
+    let mut first_writer: HashMap<&str, usize> = HashMap::new();
+    let known: Vec<usize> = (0..calls.len())
+        .filter(|&n| {
+            let id = calls[n].task.task_id.as_str();
+            !inserted.contains_key(id) || *first_writer.entry(id).or_insert(n) != n
+        })
+        .collect();
+    let conflicts = conflicting(&client, &calls, &known).await?;
+    let known_ids: Vec<&str> = known
+        .iter()
+        .map(|&n| calls[n].task.task_id.as_str())
+        .collect();
+    let existing = records_by_id(&client, &known_ids).await?;
+    client.commit().await?;
+    let answers = calls
+        .iter()
+        .enumerate()
+        .map(|(n, call)| {
+            let id = call.task.task_id.as_str();
+            if conflicts.contains(&n) {
+                return Ok(Submission::Conflict);
+            }
+            if first_writer.get(id) == Some(&n) {
+                if let Some(version) = inserted.remove(id) {
+                    return Ok(Submission::New(RowVersion(version)));
+                }
+            }
+            // A repeat of an id new in this batch sees it as it is, queued.
+            Ok(Submission::Existing(existing.get(id).cloned().unwrap_or(
+                TaskRecord {
+                    state: TaskState::Queued,
+                    result: None,
+                    error: None,
+                    worker_id: None,
+                    duration_ms: None,
+                },
+            )))
+        })
+        .collect();
+    Ok(answers)
+}
+
+/// Inserts the rows of ids not known yet; their ids and row versions.
+async fn insert_new(
+    client: &deadpool_postgres::Transaction<'_>,
+    calls: &[SubmitCall],
+) -> Result<HashMap<String, String>, DbError> {
     let ids: Vec<&str> = calls.iter().map(|c| c.task.task_id.as_str()).collect();
     let types: Vec<&str> = calls.iter().map(|c| c.task.task_type.as_str()).collect();
     let payloads: Vec<&Value> = calls.iter().map(|c| &c.task.payload).collect();
@@ -178,38 +233,45 @@ pub(super) async fn insert_queued_batch(
             &[&ids, &types, &payloads, &clients, &queues, &owners],
         )
         .await?;
-    let mut inserted: HashMap<String, String> = rows
+    Ok(rows
         .iter()
         .map(|row| (row.get::<_, String>(0), row.get::<_, String>(1)))
-        .collect();
-    let known: Vec<&str> = ids
+        .collect())
+}
+
+/// Which of the calls numbered `known` name a row with another task type
+/// or payload. PostgreSQL compares: `jsonb` equality ignores key order and
+/// how a number is spelled.
+async fn conflicting(
+    client: &deadpool_postgres::Transaction<'_>,
+    calls: &[SubmitCall],
+    known: &[usize],
+) -> Result<std::collections::HashSet<usize>, DbError> {
+    if known.is_empty() {
+        return Ok(Default::default());
+    }
+    let numbers: Vec<i32> = known.iter().map(|&n| n as i32).collect();
+    let ids: Vec<&str> = known
         .iter()
-        .copied()
-        .filter(|id| !inserted.contains_key(*id))
+        .map(|&n| calls[n].task.task_id.as_str())
         .collect();
-    let existing = records_by_id(&client, &known).await?;
-    client.commit().await?;
-    let answers = ids
+    let types: Vec<&str> = known
         .iter()
-        .map(|&id| {
-            // The first call for an id gets the new row; a repeat in the
-            // same batch sees it as it is, queued.
-            if let Some(version) = inserted.remove(id) {
-                return Ok(Submission::New(RowVersion(version)));
-            }
-            Ok(match existing.get(id) {
-                Some(record) => Submission::Existing(record.clone()),
-                None => Submission::Existing(TaskRecord {
-                    state: TaskState::Queued,
-                    result: None,
-                    error: None,
-                    worker_id: None,
-                    duration_ms: None,
-                }),
-            })
-        })
+        .map(|&n| calls[n].task.task_type.as_str())
         .collect();
-    Ok(answers)
+    let payloads: Vec<&Value> = known.iter().map(|&n| &calls[n].task.payload).collect();
+    let rows = client
+        .query(
+            "SELECT u.n FROM tasks t,
+                    UNNEST($1::int[], $2::text[], $3::text[], $4::jsonb[]) AS u(n, id, task_type, payload)
+             WHERE t.task_id = u.id AND (t.task_type <> u.task_type OR t.payload <> u.payload)",
+            &[&numbers, &ids, &types, &payloads],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|row| row.get::<_, i32>(0) as usize)
+        .collect())
 }
 
 #[cfg(test)]
@@ -232,6 +294,48 @@ mod tests {
         assert_eq!(status.map(|r| r.state), Some(TaskState::Queued));
         let records = db.records(&[task.task_id.as_str(), "never-seen"]).await;
         assert_eq!(records.expect("records").len(), 1);
+    }
+
+    #[tokio::test]
+    async fn another_payload_for_a_known_id_is_a_conflict_key_order_is_not() {
+        let db = test_db().await;
+        let mut task = test_task("echo");
+        task.payload = serde_json::json!({"a": 1, "b": [1.0, 2]});
+        db.insert_queued(&task).await.expect("insert");
+        let mut reordered = task.clone();
+        reordered.payload = serde_json::from_str(r#"{"b": [1, 2.0], "a": 1}"#).unwrap();
+        let same = db.insert_queued(&reordered).await.expect("same");
+        assert!(matches!(same, Submission::Existing(_)), "{same:?}");
+        let mut other = task.clone();
+        other.payload = serde_json::json!({"a": 2, "b": [1, 2]});
+        let mut retyped = task.clone();
+        retyped.task_type = "hash".into();
+        // In one batch, together with a new id and its repeat.
+        let fresh = test_task("echo");
+        let mut fresh_other = fresh.clone();
+        fresh_other.payload = serde_json::json!({"text": "otro"});
+        let calls = [&other, &retyped, &fresh, &fresh_other, &fresh].map(|task| {
+            let (db, task) = (db.clone(), task.clone());
+            tokio::spawn(async move { db.insert_queued(&task).await.expect("insert") })
+        });
+        let answers: Vec<Submission> = futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .map(|answer| answer.expect("task"))
+            .collect();
+        assert_eq!(answers[0], Submission::Conflict);
+        assert_eq!(answers[1], Submission::Conflict);
+        // Whichever of the new id's calls came first wrote the row; the
+        // other payload conflicts with it.
+        let news: Vec<usize> = (2..5)
+            .filter(|&n| matches!(answers[n], Submission::New(_)))
+            .collect();
+        let conflicts = answers[2..]
+            .iter()
+            .filter(|a| **a == Submission::Conflict)
+            .count();
+        let expected = if news == [3] { 2 } else { 1 };
+        assert_eq!((news.len(), conflicts), (1, expected), "{answers:?}");
     }
 
     #[tokio::test]
