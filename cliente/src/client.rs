@@ -5,16 +5,22 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use tareas_common::protocol::{Reply, Request, TaskRequest};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter, Lines};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{
+    AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter, Lines,
+};
 use tokio::net::TcpStream;
 
-/// Where a distribuidor is, and the token to present to it (when it
-/// requires one).
+type Read = Box<dyn AsyncRead + Send + Unpin>;
+type Write = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// Where a distribuidor is, the token to present to it (when it requires
+/// one), and whether it speaks TLS.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
     pub addr: String,
     pub token: Option<String>,
+    /// Connect with TLS, trusting these roots.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl Endpoint {
@@ -23,12 +29,16 @@ impl Endpoint {
         Endpoint {
             addr: addr.into(),
             token: None,
+            tls: None,
         }
     }
 
     /// Connects and, with a token, authenticates.
     pub async fn connect(&self) -> anyhow::Result<Client> {
-        let mut client = Client::connect(&self.addr).await?;
+        let mut client = match &self.tls {
+            None => Client::connect(&self.addr).await?,
+            Some(config) => Client::connect_tls(&self.addr, config.clone()).await?,
+        };
         if let Some(token) = &self.token {
             client
                 .send(&Request::Auth {
@@ -51,27 +61,47 @@ impl Endpoint {
 /// A client connection.
 pub struct Client {
     reader: ReplyReader,
-    writer: OwnedWriteHalf,
+    writer: Write,
 }
 
 impl Client {
     pub async fn connect(addr: &str) -> anyhow::Result<Client> {
-        let stream = TcpStream::connect(addr).await.with_context(|| {
-            format!("cannot connect to the distribuidor at {addr}; is it running (`scripts/run`), and is DISTRIBUIDOR_ADDR right?")
-        })?;
-        Client::over(stream)
+        Client::over(tcp(addr).await?)
+    }
+
+    /// Connects with TLS; the certificate must name the host of `addr`.
+    pub async fn connect_tls(
+        addr: &str,
+        config: std::sync::Arc<rustls::ClientConfig>,
+    ) -> anyhow::Result<Client> {
+        let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+            .with_context(|| format!("{host} is not a host name or address"))?;
+        let stream = tcp(addr).await?;
+        let stream = tokio_rustls::TlsConnector::from(config)
+            .connect(name, stream)
+            .await
+            .with_context(|| {
+                format!("TLS with the distribuidor at {addr} failed; does it speak TLS, and does --ca (TAREAS_CA) hold the certificate that signed its own?")
+            })?;
+        let (reader, writer) = tokio::io::split(stream);
+        Ok(Client::from_halves(Box::new(reader), Box::new(writer)))
     }
 
     /// A client over a stream connected already (say, from a chosen address).
     pub fn over(stream: TcpStream) -> anyhow::Result<Client> {
-        stream.set_nodelay(true)?;
         let (reader, writer) = stream.into_split();
-        Ok(Client {
+        Ok(Client::from_halves(Box::new(reader), Box::new(writer)))
+    }
+
+    fn from_halves(reader: Read, writer: Write) -> Client {
+        Client {
             reader: ReplyReader {
                 lines: BufReader::new(reader).lines(),
             },
             writer,
-        })
+        }
     }
 
     /// Sends one request, newline-terminated.
@@ -129,7 +159,7 @@ impl Client {
 
 /// The sending half of a split [`Client`]; buffers until [`RequestWriter::flush`].
 pub struct RequestWriter {
-    writer: BufWriter<OwnedWriteHalf>,
+    writer: BufWriter<Write>,
 }
 
 impl RequestWriter {
@@ -155,7 +185,7 @@ impl RequestWriter {
 
 /// The receiving half of a split [`Client`].
 pub struct ReplyReader {
-    lines: Lines<BufReader<OwnedReadHalf>>,
+    lines: Lines<BufReader<Read>>,
 }
 
 impl ReplyReader {
@@ -173,4 +203,12 @@ impl ReplyReader {
             .with_context(|| format!("unreadable reply from the distribuidor: {line}"))?;
         Ok(Some(reply))
     }
+}
+
+async fn tcp(addr: &str) -> anyhow::Result<TcpStream> {
+    let stream = TcpStream::connect(addr).await.with_context(|| {
+        format!("cannot connect to the distribuidor at {addr}; is it running (`scripts/run`), and is DISTRIBUIDOR_ADDR right?")
+    })?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
 }

@@ -26,6 +26,14 @@ struct Cli {
     /// The token to present (a distribuidor with tokens configured requires one).
     #[arg(long, env = "TAREAS_TOKEN", global = true, hide_env_values = true)]
     token: Option<String>,
+    /// Connect with TLS (a distribuidor with TAREAS_TLS_CERT).
+    #[arg(long, env = "TAREAS_TLS", global = true, action = clap::ArgAction::SetTrue)]
+    tls: bool,
+    /// With --tls: the PEM certificate(s) to trust (a self-signed
+    /// certificate, or the CA that signed the distribuidor's); without it,
+    /// the system's roots.
+    #[arg(long, env = "TAREAS_CA", global = true)]
+    ca: Option<std::path::PathBuf>,
     /// Seconds to wait for replies and results.
     #[arg(long, default_value_t = 60, global = true)]
     timeout: u64,
@@ -120,9 +128,14 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let limit = Duration::from_secs(cli.timeout);
+    let tls = match (cli.tls, &cli.ca) {
+        (false, None) => None,
+        (_, ca) => Some(tareas_common::tls::client_config(ca.as_deref())?),
+    };
     let endpoint = Endpoint {
         addr: cli.addr.clone(),
         token: cli.token.clone(),
+        tls,
     };
     let addr = cli.addr.as_str();
     match cli.command {

@@ -12,6 +12,8 @@
 //! - [`backoff`]: exponential backoff with jitter for reconnect loops.
 //! - [`shutdown`]: SIGINT/SIGTERM as a cancellation token.
 //! - [`telemetry`]: tracing set-up.
+//! - [`tls`]: rustls configurations (distribuidor, clients, PostgreSQL).
+//! - [`token`]: token digests and client names.
 
 pub mod amqp;
 pub mod backoff;
@@ -24,5 +26,6 @@ pub mod s3;
 pub mod shutdown;
 pub mod task;
 pub mod telemetry;
+pub mod tls;
 pub mod token;
 pub mod topology;

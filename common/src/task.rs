@@ -91,7 +91,10 @@ impl TaskKey {
             None => Ok(TaskKey::from(TaskId::parse(raw).map_err(|_| invalid())?)),
             Some((client, id)) => {
                 check_client_name(client).map_err(|_| invalid())?;
-                Ok(TaskKey::new(client, &TaskId::parse(id).map_err(|_| invalid())?))
+                Ok(TaskKey::new(
+                    client,
+                    &TaskId::parse(id).map_err(|_| invalid())?,
+                ))
             }
         }
     }

@@ -1,6 +1,7 @@
 //! The distribuidor's configuration: flags with environment twins.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use clap::{Args, Parser};
 use tareas_common::config::{BrokerArgs, DatabaseArgs, LogArgs};
@@ -18,6 +19,13 @@ pub struct Config {
     /// clients reach directly (they could claim any address).
     #[arg(long, env = "TAREAS_PROXY_PROTOCOL", default_value_t = false, action = clap::ArgAction::Set)]
     pub proxy_protocol: bool,
+    /// The server certificate chain (PEM): with `TAREAS_TLS_KEY`, the
+    /// client port speaks TLS only.
+    #[arg(long, env = "TAREAS_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, env = "TAREAS_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     #[command(flatten)]
     pub broker: BrokerArgs,
     #[command(flatten)]
@@ -49,6 +57,18 @@ pub struct Config {
     pub orphan_after_secs: u64,
     #[command(flatten)]
     pub log: LogArgs,
+}
+
+impl Config {
+    /// The TLS acceptor of a TLS-only port, or `None` for plain TCP.
+    pub fn tls(&self) -> anyhow::Result<Option<tokio_rustls::TlsAcceptor>> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        let config = tareas_common::tls::server_config(cert, key)
+            .map_err(|err| anyhow::anyhow!("TAREAS_TLS_CERT / TAREAS_TLS_KEY: {err}"))?;
+        Ok(Some(tokio_rustls::TlsAcceptor::from(config)))
+    }
 }
 
 /// Bounds on what clients can make the distribuidor hold.

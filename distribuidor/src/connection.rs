@@ -23,9 +23,7 @@ use bytes::{Bytes, BytesMut};
 use futures::stream::{FuturesOrdered, StreamExt};
 use tareas_common::protocol::{ErrorCode, Reply, Request};
 use tareas_common::task::TaskKey;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 use tokio_util::codec::Decoder;
@@ -35,6 +33,7 @@ use crate::config::Limits;
 use crate::framing::{Frame, Framer};
 use crate::intake::{Handled, Shared};
 use crate::router::{result_queue, Budget, ConnectionId, Pushed, ResultSender};
+use crate::transport::{Reader, Writer};
 
 /// Room made for one read.
 const READ_CHUNK: usize = 8 * 1024;
@@ -53,14 +52,13 @@ type Pending = Pin<Box<dyn Future<Output = Handled> + Send>>;
 /// Serves `stream` until the client leaves, misbehaves, idles out, or
 /// `shutdown` fires (then in-progress requests still get their replies).
 pub async fn serve(
-    stream: TcpStream,
+    (reader, writer): (Reader, Writer),
     id: ConnectionId,
     peer: std::net::SocketAddr,
     shared: Arc<Shared>,
     limits: Limits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let (reader, writer) = stream.into_split();
     let mut client = Client::new(id, shared, limits, reader, writer);
     // The client's identity for its quota until a token names it: its
     // address (no port: one client, many connections).
@@ -87,13 +85,13 @@ struct Client {
     /// What every connection shares: database, broker, router.
     shared: Arc<Shared>,
     limits: Limits,
-    reader: OwnedReadHalf,
+    reader: Reader,
     /// Bytes read and not framed yet; empty (no allocation) between messages.
     buffer: BytesMut,
     framer: Framer,
     /// Unbuffered: each line is written whole and at once, and an idle
     /// connection holds no write buffer.
-    writer: OwnedWriteHalf,
+    writer: Writer,
     /// Given to the router with each subscription; results arrive on `results`.
     results_tx: ResultSender,
     results: mpsc::UnboundedReceiver<Pushed>,
@@ -149,8 +147,8 @@ impl Client {
         id: ConnectionId,
         shared: Arc<Shared>,
         limits: Limits,
-        reader: OwnedReadHalf,
-        writer: OwnedWriteHalf,
+        reader: Reader,
+        writer: Writer,
     ) -> Client {
         let (results_tx, results, budget) =
             result_queue(limits.max_output_bytes, shared.memory.clone());

@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`config`]: flags and environment variables.
 //! - [`server`]: the accept loop and connection limit.
+//! - [`transport`]: plain TCP or TLS under a connection.
 //! - [`connection`]: one client: framing, pipelining, replies in order, pushed results.
 //! - [`framing`]: splits a byte stream into JSON objects, newline or not.
 //! - [`intake`]: validate, record, publish with confirm, ack; status queries.
@@ -24,6 +25,7 @@ pub mod recovery;
 pub mod relay;
 pub mod router;
 pub mod server;
+pub mod transport;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -49,6 +51,8 @@ pub struct Distribuidor {
     broker_stop: CancellationToken,
     /// Ends when the link is closed (and this instance's reply queue deleted).
     broker_link: tokio::task::JoinHandle<()>,
+    /// The port is TLS-only (`TAREAS_TLS_CERT`, `TAREAS_TLS_KEY`).
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Distribuidor {
@@ -56,6 +60,7 @@ impl Distribuidor {
     /// until `shutdown`); fails only on configuration errors.
     pub fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Distribuidor> {
         let db = Db::new(&config.database.database_url, config.limits.db_pool_size)?;
+        let tls = config.tls()?;
         let tokens = auth::Tokens::load(&config.tokens, config.tokens_file.as_deref())?;
         if !tokens.required() {
             tracing::warn!(
@@ -131,6 +136,7 @@ impl Distribuidor {
             migrated,
             broker_stop,
             broker_link,
+            tls,
         })
     }
 
@@ -144,15 +150,11 @@ impl Distribuidor {
     /// Serves clients on `listener` until `shutdown`, then drains, then
     /// closes the RabbitMQ link.
     pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) {
-        let proxy_protocol = self.config.proxy_protocol;
-        server::run(
-            listener,
-            self.shared,
-            self.config.limits,
-            proxy_protocol,
-            shutdown,
-        )
-        .await;
+        let door = server::Door {
+            proxy_protocol: self.config.proxy_protocol,
+            tls: self.tls,
+        };
+        server::run(listener, self.shared, self.config.limits, door, shutdown).await;
         self.broker_stop.cancel();
         // Closing waits for RabbitMQ at most a few seconds per step; the
         // process must not exit halfway, leaving its reply queue behind.

@@ -1,5 +1,6 @@
 //! The accept loop: caps connections, spawns one [`connection::serve`] per
-//! client (after its PROXY header, when the balancer sends one), and on
+//! client (after its PROXY header, when the balancer sends one, and its TLS
+//! handshake, when the port is TLS-only), and on
 //! shutdown stops accepting and waits (within a limit) for the connections
 //! to finish their in-progress requests.
 
@@ -21,15 +22,24 @@ use crate::config::Limits;
 use crate::connection;
 use crate::intake::Shared;
 use crate::proxy;
+use crate::transport::{self, Reader, Writer};
+
+/// What a connection passes before its first request.
+#[derive(Clone)]
+pub struct Door {
+    /// Each connection must begin with a PROXY header, and the address it
+    /// states is the client's.
+    pub proxy_protocol: bool,
+    /// The port is TLS-only: each connection begins with a handshake.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+}
 
 /// Accepts clients on `listener` until `shutdown` fires, then drains.
-/// With `proxy_protocol`, each connection must begin with a PROXY header,
-/// and the address it states is the client's.
 pub async fn run(
     listener: TcpListener,
     shared: Arc<Shared>,
     limits: Limits,
-    proxy_protocol: bool,
+    door: Door,
     shutdown: CancellationToken,
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
@@ -62,16 +72,20 @@ pub async fn run(
         let shared = shared.clone();
         let limits = limits.clone();
         let shutdown = shutdown.clone();
+        let door = door.clone();
         tracker.spawn(async move {
-            let Some(peer) = client_address(&mut stream, peer, proxy_protocol, &limits).await
+            let Some(peer) = client_address(&mut stream, peer, door.proxy_protocol, &limits).await
             else {
                 return;
             };
             // One span per client: every line logged while serving it says which.
             let span = tracing::info_span!("connection", id, %peer);
             let serving = async move {
+                let Some(halves) = handshake(stream, door.tls.as_ref(), &limits).await else {
+                    return;
+                };
                 tracing::debug!("client connected");
-                let served = connection::serve(stream, id, peer, shared, limits, shutdown).await;
+                let served = connection::serve(halves, id, peer, shared, limits, shutdown).await;
                 if let Err(err) = served {
                     tracing::debug!(cause = %err, "client connection ended with an error");
                 }
@@ -122,6 +136,31 @@ async fn client_address(
     let _ = tokio::time::timeout(limit, stream.write_all(&reply.to_line())).await;
     let _ = stream.shutdown().await;
     None
+}
+
+/// The connection's halves, after its TLS handshake on a TLS-only port.
+/// `None`: the handshake failed or took longer than a message may (a
+/// plaintext client gets no JSON reply, only TLS's own alert).
+async fn handshake(
+    stream: TcpStream,
+    tls: Option<&tokio_rustls::TlsAcceptor>,
+    limits: &Limits,
+) -> Option<(Reader, Writer)> {
+    let Some(acceptor) = tls else {
+        return Some(transport::plain(stream));
+    };
+    let limit = Duration::from_secs(limits.message_timeout_secs);
+    match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => Some(transport::tls(stream)),
+        Ok(Err(err)) => {
+            tracing::debug!(cause = %err, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!("no TLS handshake in time");
+            None
+        }
+    }
 }
 
 /// Whether the first bytes (peeked, not consumed) begin a PROXY header.

@@ -199,6 +199,7 @@ async fn connect_as(addr: std::net::SocketAddr, token: &str) -> cliente::Client 
     let endpoint = cliente::Endpoint {
         addr: addr.to_string(),
         token: Some(token.to_owned()),
+        tls: None,
     };
     endpoint.connect().await.expect("authenticate")
 }

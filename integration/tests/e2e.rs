@@ -16,3 +16,4 @@ mod recovery;
 mod reliability;
 mod scaling;
 mod slots;
+mod tls;

@@ -166,9 +166,20 @@ fn pool(url: &str, max_size: usize) -> Result<Pool, DbError> {
         recycle: Some(Duration::from_secs(5)),
     };
     config.pool = Some(pool);
-    config
-        .create_pool(Some(Runtime::Tokio1), NoTls)
-        .map_err(|err| DbError::Config(err.to_string()))
+    let created = if requires_tls(url) {
+        config.create_pool(Some(Runtime::Tokio1), crate::tls::postgres())
+    } else {
+        config.create_pool(Some(Runtime::Tokio1), NoTls)
+    };
+    created.map_err(|err| DbError::Config(err.to_string()))
+}
+
+/// `sslmode=require` in `url`: connect with TLS or not at all. Without it
+/// (`prefer`, tokio-postgres' default, or `disable`) the connection is
+/// plain, as it always was.
+pub fn requires_tls(url: &str) -> bool {
+    url.parse::<tokio_postgres::Config>()
+        .is_ok_and(|config| config.get_ssl_mode() == tokio_postgres::config::SslMode::Require)
 }
 
 /// The local database of `scripts/services`, migrated, for the tests of
@@ -190,5 +201,28 @@ pub(crate) fn test_task(task_type: &str) -> crate::task::TaskMessage {
         task_type: task_type.to_owned(),
         payload: serde_json::json!({"text": "hola"}),
         notify: true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn sslmode_require_connects_with_tls() {
+        let url = "postgres://postgres@127.0.0.1:5432/tareas?sslmode=require";
+        assert!(requires_tls(url) && !requires_tls("postgres://postgres@127.0.0.1/tareas"));
+        let db = Db::new(url, 1).expect("url");
+        let client = db.pool.get().await.expect(
+            "PostgreSQL on 127.0.0.1:5432 with ssl = on (Debian's default, snakeoil certificate)",
+        );
+        let row = client
+            .query_one(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .expect("pg_stat_ssl");
+        assert!(row.get::<_, bool>(0), "the session is encrypted");
     }
 }
