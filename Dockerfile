@@ -29,5 +29,5 @@ RUN apt-get update \
 COPY --from=builder /app/target/release/distribuidor /app/target/release/worker /app/target/release/cliente /usr/local/bin/
 USER tareas
 ENV RUST_LOG=info
-EXPOSE 8888
+EXPOSE 8888 8080
 CMD ["distribuidor"]

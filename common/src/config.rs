@@ -79,11 +79,15 @@ fn with_defaults(
         .mut_subcommands(|sub| with_defaults(sub, defaults))
 }
 
+/// Settings whose empty value means "off", not "the default".
+const EMPTY_MEANS_OFF: &[&str] = &["DISTRIBUIDOR_HTTP_ADDR", "WORKER_METRICS_ADDR"];
+
 fn without_empty_env(command: Command) -> Command {
     command
         .mut_args(|arg| {
             let empty = arg
                 .get_env()
+                .filter(|name| !EMPTY_MEANS_OFF.iter().any(|off| name == off))
                 .and_then(std::env::var_os)
                 .is_some_and(|value| value.is_empty());
             if empty {

@@ -13,6 +13,9 @@ pub struct Config {
     /// Address to listen on for clients.
     #[arg(long, env = "DISTRIBUIDOR_ADDR", default_value = "0.0.0.0:8888")]
     pub addr: SocketAddr,
+    /// Address of the HTTP API; empty: no HTTP API.
+    #[arg(long, env = "DISTRIBUIDOR_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: String,
     /// Every connection begins with a PROXY protocol header (v1 or v2, as
     /// HAProxy's `send-proxy-v2` sends) naming the real client: set it only
     /// when all clients come through the balancer, never on a port that
@@ -60,6 +63,18 @@ pub struct Config {
 }
 
 impl Config {
+    /// Where the HTTP API listens; `None`: it is off (an empty address).
+    pub fn http_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
+        if self.http_addr.trim().is_empty() {
+            return Ok(None);
+        }
+        let addr = self
+            .http_addr
+            .parse()
+            .map_err(|err| anyhow::anyhow!("DISTRIBUIDOR_HTTP_ADDR {:?}: {err}", self.http_addr))?;
+        Ok(Some(addr))
+    }
+
     /// The TLS acceptor of a TLS-only port, or `None` for plain TCP.
     pub fn tls(&self) -> anyhow::Result<Option<tokio_rustls::TlsAcceptor>> {
         let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {

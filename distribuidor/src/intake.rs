@@ -146,6 +146,16 @@ impl Shared {
         }
     }
 
+    /// Queues a prepared task of a client that waits on no connection (the
+    /// HTTP API): the same path and promise as [`Shared::submit`]'s ack, or
+    /// the refusal's error reply.
+    pub async fn submit_detached(&self, task: &TaskMessage, client: &str) -> Result<(), Reply> {
+        match self.queue(task, client).await {
+            Ok(_) => Ok(()),
+            Err(refusal) => Err(refusal.reply(&task.task_id.id())),
+        }
+    }
+
     /// Records the task, then publishes it if it needs to be: the order
     /// that lets the ack promise both.
     async fn queue(&self, task: &TaskMessage, client: &str) -> Result<Queued, Refusal> {

@@ -6,6 +6,7 @@
 //! - [`transport`]: plain TCP or TLS under a connection.
 //! - [`connection`]: one client: framing, pipelining, replies in order, pushed results.
 //! - [`framing`]: splits a byte stream into JSON objects, newline or not.
+//! - [`http`]: the HTTP API beside the socket: the same intake, the `tasks` table, OpenAPI.
 //! - [`intake`]: validate, record, publish with confirm, ack; status queries.
 //! - [`quota`]: tasks one client may have queued or running.
 //! - [`broker`]: the RabbitMQ link: confirms, reconnects, this instance's reply queue.
@@ -17,6 +18,7 @@ pub mod broker;
 pub mod config;
 pub mod connection;
 pub mod framing;
+pub mod http;
 pub mod intake;
 pub mod memory;
 pub mod proxy;
@@ -53,6 +55,8 @@ pub struct Distribuidor {
     broker_link: tokio::task::JoinHandle<()>,
     /// The port is TLS-only (`TAREAS_TLS_CERT`, `TAREAS_TLS_KEY`).
     tls: Option<tokio_rustls::TlsAcceptor>,
+    /// HTTP requests waiting for their task to finish.
+    waiters: Arc<http::Waiters>,
 }
 
 impl Distribuidor {
@@ -99,6 +103,16 @@ impl Distribuidor {
             db.clone(),
             broker_stop.clone(),
         ));
+        let waiters = Arc::new(http::Waiters::default());
+        let (listening, finished, reconnected) = (db.clone(), waiters.clone(), waiters.clone());
+        let stop_listening = broker_stop.clone();
+        tokio::spawn(async move {
+            let on_finish = |key: &str| finished.finished(key);
+            let on_reconnect = || reconnected.wake_all();
+            listening
+                .listen_finished(on_finish, on_reconnect, stop_listening)
+                .await;
+        });
         let (migrated_tx, migrated) = watch::channel(false);
         let migrating = db.clone();
         tokio::spawn(async move {
@@ -137,6 +151,7 @@ impl Distribuidor {
             broker_stop,
             broker_link,
             tls,
+            waiters,
         })
     }
 
@@ -150,11 +165,32 @@ impl Distribuidor {
     /// Serves clients on `listener` until `shutdown`, then drains, then
     /// closes the RabbitMQ link.
     pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) {
+        self.serve_with_http(listener, None, shutdown).await;
+    }
+
+    /// [`Distribuidor::serve`], and the HTTP API on `http` beside it.
+    pub async fn serve_with_http(
+        self,
+        listener: TcpListener,
+        http: Option<TcpListener>,
+        shutdown: CancellationToken,
+    ) {
+        let http = http.map(|http_listener| {
+            let app = http::App {
+                shared: self.shared.clone(),
+                waiters: self.waiters.clone(),
+            };
+            let router = http::router(app, self.config.limits.max_message_bytes);
+            tokio::spawn(http::serve(http_listener, router, shutdown.clone()))
+        });
         let door = server::Door {
             proxy_protocol: self.config.proxy_protocol,
             tls: self.tls,
         };
         server::run(listener, self.shared, self.config.limits, door, shutdown).await;
+        if let Some(http) = http {
+            let _ = http.await;
+        }
         self.broker_stop.cancel();
         // Closing waits for RabbitMQ at most a few seconds per step; the
         // process must not exit halfway, leaving its reply queue behind.

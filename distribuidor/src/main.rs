@@ -38,8 +38,18 @@ async fn run(config: Config) -> anyhow::Result<()> {
         database = %redacted(&config.database.database_url),
         "distribuidor listening"
     );
+    let http = match config.http_addr()? {
+        None => None,
+        Some(addr) => {
+            let http = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                format!("cannot listen on {addr} (DISTRIBUIDOR_HTTP_ADDR; empty turns the HTTP API off)")
+            })?;
+            tracing::info!(addr = %http.local_addr()?, "HTTP API listening");
+            Some(http)
+        }
+    };
     let distribuidor = Distribuidor::start(config, shutdown.clone())?;
-    distribuidor.serve(listener, shutdown).await;
+    distribuidor.serve_with_http(listener, http, shutdown).await;
     tracing::info!("distribuidor stopped");
     Ok(())
 }

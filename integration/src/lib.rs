@@ -1,6 +1,8 @@
 //! Helpers: start the real distribuidor and workers in-process against the
 //! real RabbitMQ, PostgreSQL and S3 server, each test on its own queue.
 
+pub mod http;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -70,18 +72,33 @@ impl Deployment {
 
     /// Starts a distribuidor on 127.0.0.1:0 and waits until it is ready.
     pub async fn start_distribuidor(&mut self, config: Config) -> RunningDistribuidor {
-        self.spawn_distribuidor(config, true).await
+        self.spawn_distribuidor(config, true, None).await
+    }
+
+    /// Starts a distribuidor with its HTTP API (both on 127.0.0.1:0) and
+    /// waits until it is ready; returns the HTTP API's address too.
+    pub async fn start_distribuidor_with_http(
+        &mut self,
+        config: Config,
+    ) -> (RunningDistribuidor, SocketAddr) {
+        let http = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
+        let http_addr = http.local_addr().expect("local addr");
+        let running = self.spawn_distribuidor(config, true, Some(http)).await;
+        (running, http_addr)
     }
 
     /// Starts a distribuidor without waiting for its dependencies.
     pub async fn start_distribuidor_unready(&mut self, config: Config) -> RunningDistribuidor {
-        self.spawn_distribuidor(config, false).await
+        self.spawn_distribuidor(config, false, None).await
     }
 
     async fn spawn_distribuidor(
         &mut self,
         config: Config,
         wait_ready: bool,
+        http: Option<TcpListener>,
     ) -> RunningDistribuidor {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
@@ -97,8 +114,9 @@ impl Deployment {
                 });
         }
         let shutdown = self.shutdown.clone();
-        self.handles
-            .push(tokio::spawn(distribuidor.serve(listener, shutdown)));
+        self.handles.push(tokio::spawn(
+            distribuidor.serve_with_http(listener, http, shutdown),
+        ));
         RunningDistribuidor { addr }
     }
 
@@ -411,6 +429,8 @@ impl DistribuidorProcess {
         let child = tokio::process::Command::new(binary("distribuidor"))
             .env("TAREAS_QUEUE", queue)
             .env("DISTRIBUIDOR_ADDR", &addr)
+            // Many run at once: no HTTP API unless a test asks for one.
+            .env("DISTRIBUIDOR_HTTP_ADDR", "")
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())
             .stdin(std::process::Stdio::null())

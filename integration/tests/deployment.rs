@@ -87,6 +87,7 @@ fn local_values(queue: &str, addr: &str) -> BTreeMap<&'static str, String> {
         ("TAREAS_QUEUE", queue.to_owned()),
         ("RUST_LOG", "warn".to_owned()),
         ("DISTRIBUIDOR_ADDR", addr.to_owned()),
+        ("DISTRIBUIDOR_HTTP_ADDR", "127.0.0.1:0".to_owned()),
         ("S3_ENDPOINT", worker.s3.s3_endpoint),
         ("S3_BUCKET", worker.s3.s3_bucket),
         ("AWS_ACCESS_KEY_ID", worker.s3.aws_access_key_id),

@@ -9,6 +9,7 @@ mod bench_smoke;
 mod crash;
 mod deployment;
 mod hostile;
+mod http;
 mod limits;
 mod operator;
 mod pipeline;

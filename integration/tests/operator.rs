@@ -201,7 +201,8 @@ async fn secrets_are_never_printed() {
                 format!("postgres://tareas:{SECRET}@127.0.0.1:1/tareas"),
             )
             .env("AWS_SECRET_ACCESS_KEY", SECRET)
-            .env("DISTRIBUIDOR_ADDR", "127.0.0.1:0");
+            .env("DISTRIBUIDOR_ADDR", "127.0.0.1:0")
+            .env("DISTRIBUIDOR_HTTP_ADDR", "127.0.0.1:0");
     };
     let shows = |output: &std::process::Output| {
         let text = format!(

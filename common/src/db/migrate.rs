@@ -10,6 +10,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("../../migrations/0001_tasks.sql")),
     (2, include_str!("../../migrations/0002_client_queue.sql")),
     (3, include_str!("../../migrations/0003_outbox.sql")),
+    (4, include_str!("../../migrations/0004_http_api.sql")),
 ];
 
 /// Key of the advisory lock held while migrating.

@@ -6,6 +6,7 @@
 //! - `run`: the worker's statements (claim, retry, release, finish).
 //! - `outbox`: the distribuidor's relay of rows whose publish was never confirmed.
 //! - `admin`: the operator's (`cliente dlq replay`).
+//! - `api`: the HTTP API's listing, and finished-task notifications.
 //! - `rows`: the typed rows they return.
 //! - `batch`: the group-commit writer behind the hot writes.
 //!
@@ -16,6 +17,7 @@
 //! one statement and one commit.
 
 mod admin;
+mod api;
 mod batch;
 mod migrate;
 mod outbox;
@@ -29,6 +31,7 @@ use std::time::Duration;
 use deadpool_postgres::{ManagerConfig, Pool, PoolConfig, RecyclingMethod, Runtime, Timeouts};
 use tokio_postgres::NoTls;
 
+pub use self::api::Listing;
 use self::batch::Batcher;
 pub use self::outbox::{Orphans, OWNER_ALIVE};
 pub use self::rows::{TaskRecord, TaskRow};
@@ -98,6 +101,8 @@ impl DbError {
 #[derive(Clone)]
 pub struct Db {
     pool: Pool,
+    /// For connections outside the pool (`LISTEN`).
+    url: Arc<str>,
     submissions: Batcher<submit::SubmitCall, Submission>,
     claims: Batcher<ClaimCall, Claim>,
     finishes: Batcher<Finish, TaskRow>,
@@ -135,6 +140,7 @@ impl Db {
         };
         Ok(Db {
             pool,
+            url: url.into(),
             submissions,
             claims,
             finishes,
