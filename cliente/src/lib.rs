@@ -5,6 +5,6 @@
 pub mod bench;
 pub mod client;
 pub mod demo;
-pub mod dlq;
+pub use tareas_common::dlq;
 
 pub use client::{Client, Endpoint};

@@ -293,7 +293,8 @@ async fn dlq_replay(
     database: &DatabaseArgs,
     selection: &dlq::Selection,
 ) -> anyhow::Result<()> {
-    let replayed = dlq::replay(broker, database, selection).await?;
+    let db = tareas_common::db::Db::new(&database.database_url, 2)?;
+    let replayed = dlq::replay(broker, &db, selection).await?;
     for id in &replayed {
         println!("replayed {id}");
     }

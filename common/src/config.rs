@@ -79,6 +79,18 @@ fn with_defaults(
         .mut_subcommands(|sub| with_defaults(sub, defaults))
 }
 
+/// An address setting whose empty value means "off" (see
+/// `EMPTY_MEANS_OFF`): `None` when empty, else the parsed address.
+pub fn optional_addr(setting: &str, value: &str) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    if value.trim().is_empty() {
+        return Ok(None);
+    }
+    let addr = value
+        .parse()
+        .map_err(|err| anyhow::anyhow!("{setting} {value:?}: {err} (empty turns it off)"))?;
+    Ok(Some(addr))
+}
+
 /// Settings whose empty value means "off", not "the default".
 const EMPTY_MEANS_OFF: &[&str] = &["DISTRIBUIDOR_HTTP_ADDR", "WORKER_METRICS_ADDR"];
 

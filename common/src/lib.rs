@@ -7,6 +7,8 @@
 //! - [`topology`]: queue and exchange names and their declarations.
 //! - [`amqp`]: named connections, confirm channels, and the one persistent publish.
 //! - [`db`]: the `tasks` table: migrations and every query against it.
+//! - [`dlq`]: the dead-letter queue: list, replay (for `cliente dlq` and the dashboard).
+//! - [`metrics`]: the Prometheus metric names and the process's recorder.
 //! - `s3` (feature `s3`): the result bucket, `results/<task_id>.json`.
 //! - [`config`]: command-line/environment pieces shared by the binaries.
 //! - [`backoff`]: exponential backoff with jitter for reconnect loops.
@@ -20,6 +22,8 @@ pub mod backoff;
 pub mod builtin;
 pub mod config;
 pub mod db;
+pub mod dlq;
+pub mod metrics;
 pub mod protocol;
 #[cfg(feature = "s3")]
 pub mod s3;

@@ -84,6 +84,11 @@ impl TaskKey {
         TaskKey(format!("{client}/{id}"))
     }
 
+    /// The task `raw` (as a client sends it, unchecked) of client `client`.
+    pub fn for_client(client: &str, raw: &str) -> Result<TaskKey, InvalidTaskId> {
+        Ok(TaskKey::new(client, &TaskId::parse(raw)?))
+    }
+
     /// Checks a key as stored: `<client>/<task_id>` or a bare task id.
     pub fn parse(raw: &str) -> Result<TaskKey, InvalidTaskId> {
         let invalid = || InvalidTaskId(raw.to_owned());

@@ -19,6 +19,9 @@ pub fn check_client_name(name: &str) -> Result<(), &'static str> {
     if !valid {
         return Err("a client name is 1 to 64 of A-Z a-z 0-9 . _ -");
     }
+    if name.starts_with('.') {
+        return Err("a client name cannot begin with `.` (it names a folder of S3 keys)");
+    }
     if name == ANONYMOUS {
         return Err("`anonymous` is reserved for clients without a token");
     }

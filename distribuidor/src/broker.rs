@@ -114,6 +114,35 @@ impl Broker {
 impl Broker {
     /// Whether the work queue holds its maximum length right now (a passive
     /// declare): tells a nack for a full queue from any other.
+    /// Messages in the work queue and its dead-letter queue (passive
+    /// declares); those it could not count are left out.
+    pub async fn depths(&self) -> Vec<(String, u32)> {
+        let Some(session) = self.session.borrow().clone() else {
+            return Vec::new();
+        };
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let mut depths = Vec::new();
+        for queue in [
+            self.topology.queue.clone(),
+            self.topology.dead_letter_queue(),
+        ] {
+            let declared = session.channel.queue_declare(
+                queue.as_str().into(),
+                passive,
+                FieldTable::default(),
+            );
+            if let Ok(Ok(declared)) =
+                tokio::time::timeout(std::time::Duration::from_secs(2), declared).await
+            {
+                depths.push((queue, declared.message_count()));
+            }
+        }
+        depths
+    }
+
     pub async fn queue_is_full(&self) -> bool {
         let Some(max) = self.topology.max_length else {
             return false;

@@ -49,6 +49,16 @@ pub struct Config {
         hide_env_values = true
     )]
     pub tokens: Vec<Secret>,
+    /// Operator tokens for the dashboard, `name=token,…` (HTTP Basic with the
+    /// token as password, or Bearer). With any client or operator token
+    /// configured the dashboard needs one; without, it is open.
+    #[arg(
+        long,
+        env = "TAREAS_OPERATOR_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub operator_tokens: Vec<Secret>,
     /// A file of client tokens, one `name sha256-hex-of-token` per line
     /// (`cliente token new NAME` prints one).
     #[arg(long, env = "TAREAS_TOKENS_FILE")]
@@ -65,14 +75,7 @@ pub struct Config {
 impl Config {
     /// Where the HTTP API listens; `None`: it is off (an empty address).
     pub fn http_addr(&self) -> anyhow::Result<Option<SocketAddr>> {
-        if self.http_addr.trim().is_empty() {
-            return Ok(None);
-        }
-        let addr = self
-            .http_addr
-            .parse()
-            .map_err(|err| anyhow::anyhow!("DISTRIBUIDOR_HTTP_ADDR {:?}: {err}", self.http_addr))?;
-        Ok(Some(addr))
+        tareas_common::config::optional_addr("DISTRIBUIDOR_HTTP_ADDR", &self.http_addr)
     }
 
     /// The TLS acceptor of a TLS-only port, or `None` for plain TCP.

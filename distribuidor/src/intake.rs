@@ -11,6 +11,7 @@ use tareas_common::protocol::{ErrorCode, Reply, RequestError, StatusState, TaskR
 use tareas_common::task::{TaskId, TaskKey, TaskMessage, TaskReport, TaskState};
 
 use tareas_common::backoff::POSTGRES;
+use tareas_common::metrics as names;
 
 use crate::broker::Broker;
 use crate::router::{ConnectionId, ResultSender, Router};
@@ -36,6 +37,8 @@ pub struct Shared {
     pub instance: String,
     /// The client tokens; none: anonymous clients are served.
     pub tokens: crate::auth::Tokens,
+    /// The operators' tokens (the dashboard).
+    pub operators: crate::auth::Tokens,
 }
 
 /// The replies to one request, in order, the task whose result the
@@ -62,6 +65,15 @@ impl Shared {
     /// Turns a task request of client `scope` into the message to queue,
     /// or says why not. Runs before anything is written anywhere.
     pub fn prepare(&self, request: TaskRequest, scope: &str) -> Result<TaskMessage, RequestError> {
+        metrics::counter!(names::RECEIVED).increment(1);
+        let prepared = self.validate(request, scope);
+        if let Err(err) = &prepared {
+            metrics::counter!(names::REFUSED, "code" => err.code.as_str()).increment(1);
+        }
+        prepared
+    }
+
+    fn validate(&self, request: TaskRequest, scope: &str) -> Result<TaskMessage, RequestError> {
         let task_id = match &request.task_id {
             Some(raw) => TaskId::parse(raw)?,
             None => TaskId::generate(),
@@ -159,6 +171,22 @@ impl Shared {
     /// Records the task, then publishes it if it needs to be: the order
     /// that lets the ack promise both.
     async fn queue(&self, task: &TaskMessage, client: &str) -> Result<Queued, Refusal> {
+        let started = std::time::Instant::now();
+        let queued = self.admit_and_queue(task, client).await;
+        match &queued {
+            Ok(_) => {
+                metrics::counter!(names::ACKED).increment(1);
+                metrics::histogram!(names::ACK_LATENCY).record(started.elapsed().as_secs_f64());
+            }
+            Err(refusal) => {
+                let code = refusal.code().as_str();
+                metrics::counter!(names::REFUSED, "code" => code).increment(1);
+            }
+        }
+        queued
+    }
+
+    async fn admit_and_queue(&self, task: &TaskMessage, client: &str) -> Result<Queued, Refusal> {
         match self.quota.admit(&self.db, client).await {
             Ok(true) => {}
             Ok(false) => return Err(Refusal::QuotaExceeded(self.quota.limit())),
@@ -285,8 +313,8 @@ impl Shared {
 
     /// Answers `{"type":"status"}` of client `scope`: its own tasks only.
     pub async fn status(&self, scope: &str, raw_task_id: String) -> Reply {
-        let key = match TaskId::parse(&raw_task_id) {
-            Ok(id) => TaskKey::new(scope, &id),
+        let key = match TaskKey::for_client(scope, &raw_task_id) {
+            Ok(key) => key,
             Err(err) => return Reply::error(ErrorCode::InvalidRequest, err.to_string(), None),
         };
         match self.db.status(key.as_str()).await {
@@ -352,45 +380,42 @@ enum Refusal {
 }
 
 impl Refusal {
+    fn code(&self) -> ErrorCode {
+        match self {
+            Refusal::Unavailable(_) => ErrorCode::Unavailable,
+            Refusal::Unstorable => ErrorCode::InvalidPayload,
+            Refusal::QueueFull => ErrorCode::QueueFull,
+            Refusal::QuotaExceeded(_) => ErrorCode::QuotaExceeded,
+            Refusal::Conflict => ErrorCode::Conflict,
+            Refusal::Uncertain => ErrorCode::Uncertain,
+        }
+    }
+
     fn reply(&self, task_id: &TaskId) -> Reply {
-        let (code, message) = match self {
-            Refusal::Unavailable(what) => (
-                ErrorCode::Unavailable,
-                format!("{what}; the task was NOT accepted, retry later"),
+        let message = match self {
+            Refusal::Unavailable(what) => {
+                format!("{what}; the task was NOT accepted, retry later")
+            }
+            Refusal::Unstorable => {
+                "the task's data cannot be stored; the task was NOT accepted".to_owned()
+            }
+            Refusal::QuotaExceeded(limit) => format!(
+                "this client has {limit} tasks queued or running \
+                 (TAREAS_MAX_OUTSTANDING_PER_CLIENT); the task was NOT accepted, \
+                 retry when some have finished"
             ),
-            Refusal::Unstorable => (
-                ErrorCode::InvalidPayload,
-                "the task's data cannot be stored; the task was NOT accepted".to_owned(),
-            ),
-            Refusal::QuotaExceeded(limit) => (
-                ErrorCode::QuotaExceeded,
-                format!(
-                    "this client has {limit} tasks queued or running \
-                     (TAREAS_MAX_OUTSTANDING_PER_CLIENT); the task was NOT accepted, \
-                     retry when some have finished"
-                ),
-            ),
-            Refusal::Conflict => (
-                ErrorCode::Conflict,
-                "this task_id was already submitted with another task_type or payload; the \
-                 task was NOT accepted. Choose a new task_id (or resend the first task's \
-                 exact fields to get its result)"
-                    .to_owned(),
-            ),
-            Refusal::Uncertain => (
-                ErrorCode::Uncertain,
-                "RabbitMQ's answer was lost; the task may or may not run. Resubmitting the \
-                 same task_id is safe"
-                    .to_owned(),
-            ),
-            Refusal::QueueFull => (
-                ErrorCode::QueueFull,
-                "the work queue is full (TAREAS_QUEUE_MAX_LENGTH); the task was NOT accepted, \
-                 retry later"
-                    .to_owned(),
-            ),
+            Refusal::Conflict => "this task_id was already submitted with another task_type \
+                                  or payload; the task was NOT accepted. Choose a new task_id \
+                                  (or resend the first task's exact fields to get its result)"
+                .to_owned(),
+            Refusal::Uncertain => "RabbitMQ's answer was lost; the task may or may not run. \
+                                   Resubmitting the same task_id is safe"
+                .to_owned(),
+            Refusal::QueueFull => "the work queue is full (TAREAS_QUEUE_MAX_LENGTH); the task \
+                                   was NOT accepted, retry later"
+                .to_owned(),
         };
-        Reply::error(code, message, Some(task_id.to_string()))
+        Reply::error(self.code(), message, Some(task_id.to_string()))
     }
 }
 

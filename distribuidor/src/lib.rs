@@ -6,6 +6,7 @@
 //! - [`transport`]: plain TCP or TLS under a connection.
 //! - [`connection`]: one client: framing, pipelining, replies in order, pushed results.
 //! - [`framing`]: splits a byte stream into JSON objects, newline or not.
+//! - [`gauges`]: samples the gauges of `/metrics` (link, queue depths, results awaited).
 //! - [`http`]: the HTTP API beside the socket: the same intake, the `tasks` table, OpenAPI.
 //! - [`intake`]: validate, record, publish with confirm, ack; status queries.
 //! - [`quota`]: tasks one client may have queued or running.
@@ -18,6 +19,7 @@ pub mod broker;
 pub mod config;
 pub mod connection;
 pub mod framing;
+pub mod gauges;
 pub mod http;
 pub mod intake;
 pub mod memory;
@@ -55,8 +57,6 @@ pub struct Distribuidor {
     broker_link: tokio::task::JoinHandle<()>,
     /// The port is TLS-only (`TAREAS_TLS_CERT`, `TAREAS_TLS_KEY`).
     tls: Option<tokio_rustls::TlsAcceptor>,
-    /// HTTP requests waiting for their task to finish.
-    waiters: Arc<http::Waiters>,
 }
 
 impl Distribuidor {
@@ -66,6 +66,7 @@ impl Distribuidor {
         let db = Db::new(&config.database.database_url, config.limits.db_pool_size)?;
         let tls = config.tls()?;
         let tokens = auth::Tokens::load(&config.tokens, config.tokens_file.as_deref())?;
+        let operators = auth::Tokens::load(&config.operator_tokens, None)?;
         if !tokens.required() {
             tracing::warn!(
                 "no client tokens configured (TAREAS_TOKENS, TAREAS_TOKENS_FILE): any client that \
@@ -103,16 +104,12 @@ impl Distribuidor {
             db.clone(),
             broker_stop.clone(),
         ));
-        let waiters = Arc::new(http::Waiters::default());
-        let (listening, finished, reconnected) = (db.clone(), waiters.clone(), waiters.clone());
-        let stop_listening = broker_stop.clone();
-        tokio::spawn(async move {
-            let on_finish = |key: &str| finished.finished(key);
-            let on_reconnect = || reconnected.wake_all();
-            listening
-                .listen_finished(on_finish, on_reconnect, stop_listening)
-                .await;
-        });
+        tareas_common::metrics::handle();
+        tokio::spawn(gauges::run(
+            broker.clone(),
+            router.clone(),
+            broker_stop.clone(),
+        ));
         let (migrated_tx, migrated) = watch::channel(false);
         let migrating = db.clone();
         tokio::spawn(async move {
@@ -143,6 +140,7 @@ impl Distribuidor {
             memory: Arc::new(memory::Memory::new(config.limits.max_buffered_bytes)),
             instance,
             tokens,
+            operators,
         });
         Ok(Distribuidor {
             shared,
@@ -151,7 +149,6 @@ impl Distribuidor {
             broker_stop,
             broker_link,
             tls,
-            waiters,
         })
     }
 
@@ -176,10 +173,12 @@ impl Distribuidor {
         shutdown: CancellationToken,
     ) {
         let http = http.map(|http_listener| {
-            let app = http::App {
-                shared: self.shared.clone(),
-                waiters: self.waiters.clone(),
-            };
+            let app = http::App::start(
+                self.shared.clone(),
+                &self.config,
+                self.broker_stop.clone(),
+                shutdown.clone(),
+            );
             let router = http::router(app, self.config.limits.max_message_bytes);
             tokio::spawn(http::serve(http_listener, router, shutdown.clone()))
         });
@@ -187,9 +186,11 @@ impl Distribuidor {
             proxy_protocol: self.config.proxy_protocol,
             tls: self.tls,
         };
+        let limit = std::time::Duration::from_secs(self.config.limits.shutdown_timeout_secs);
         server::run(listener, self.shared, self.config.limits, door, shutdown).await;
         if let Some(http) = http {
-            let _ = http.await;
+            // Long polls end at shutdown; other requests get the drain's limit.
+            let _ = tokio::time::timeout(limit, http).await;
         }
         self.broker_stop.cancel();
         // Closing waits for RabbitMQ at most a few seconds per step; the

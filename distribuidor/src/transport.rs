@@ -1,7 +1,8 @@
 //! The bytes under a client connection: plain TCP, or TLS over it
 //! (`TAREAS_TLS_CERT`, `TAREAS_TLS_KEY`). The connection reads by
-//! readiness (it takes a read buffer only once bytes are there), which
-//! [`Reader`] offers for both.
+//! readiness (it takes a read buffer from the shared pool only once bytes
+//! are there), which [`Reader`] offers for both; decrypting needs a buffer
+//! of its own, so a TLS connection holds one record's worth while it waits.
 
 use std::io;
 
@@ -12,7 +13,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
 /// The most decrypted bytes a TLS connection holds before the connection
-/// takes them: one TLS record.
+/// takes them: one TLS record. Held while it waits, outside the shared pool
+/// (docs/security.md counts it with rustls' own buffers).
 const TLS_CHUNK: usize = 16 * 1024;
 
 /// The write side: written whole lines, then flushed.
@@ -20,6 +22,7 @@ pub type Writer = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// The read side of a client connection.
 pub enum Reader {
+    /// Plain TCP: readiness straight from the socket.
     Plain(OwnedReadHalf),
     /// Decrypting needs a buffer: `staged` holds what was decrypted until
     /// the connection takes it (and nothing while the client is silent).

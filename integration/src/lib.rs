@@ -133,9 +133,21 @@ impl Deployment {
         config: WorkerConfig,
         registry: tareas_worker::Registry,
     ) -> CancellationToken {
+        self.start_observed_worker(config, registry, None)
+    }
+
+    /// [`Deployment::start_worker_with`], serving `/metrics`, `/healthz`
+    /// and `/readyz` on `metrics`.
+    pub fn start_observed_worker(
+        &mut self,
+        config: WorkerConfig,
+        registry: tareas_worker::Registry,
+        metrics: Option<TcpListener>,
+    ) -> CancellationToken {
         let worker = Worker::new(&config, registry).expect("worker config");
         let stop = self.shutdown.child_token();
-        self.handles.push(tokio::spawn(worker.run(stop.clone())));
+        self.handles
+            .push(tokio::spawn(worker.run_observed(metrics, stop.clone())));
         stop
     }
 

@@ -182,6 +182,7 @@ async fn every_documented_route_answers() {
         documented,
         [
             "GET /healthz",
+            "GET /metrics",
             "GET /readyz",
             "GET /tasks",
             "GET /tasks/{task_id}",

@@ -42,26 +42,49 @@ fn compose_value(key: &str, env: &BTreeMap<&str, &str>) -> String {
         .replace("@postgres:", "@127.0.0.1:")
 }
 
+/// Runs `rabbitmqctl -q args`; the test fails if it does.
+fn rabbitmqctl(args: &[&str]) {
+    let output = std::process::Command::new("rabbitmqctl")
+        .arg("-q")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl");
+    assert!(
+        output.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The vhost compose's programs use (`tareas`), for one test: created, and
+/// deleted on drop with everything in it.
+struct RabbitVhost(&'static str);
+
+impl RabbitVhost {
+    fn create(name: &'static str) -> RabbitVhost {
+        rabbitmqctl(&["add_vhost", name]);
+        RabbitVhost(name)
+    }
+}
+
+impl Drop for RabbitVhost {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl")
+            .args(["-q", "delete_vhost", self.0])
+            .output();
+    }
+}
+
 /// A RabbitMQ user that exists for one test (`rabbitmqctl`), deleted on drop.
 struct RabbitUser(String);
 
 impl RabbitUser {
-    fn create(name: &str, password: &str) -> RabbitUser {
-        let rabbitmqctl = |args: &[&str]| {
-            let output = std::process::Command::new("rabbitmqctl")
-                .arg("-q")
-                .args(args)
-                .output()
-                .expect("rabbitmqctl");
-            assert!(
-                output.status.success(),
-                "rabbitmqctl {args:?}: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        };
+    /// A user with every permission in `vhost` and nothing elsewhere, as
+    /// compose's rabbitmq-init creates one.
+    fn create(name: &str, password: &str, vhost: &str) -> RabbitUser {
         rabbitmqctl(&["add_user", name, password]);
         let user = RabbitUser(name.to_owned());
-        rabbitmqctl(&["set_permissions", "-p", "/", name, ".*", ".*", ".*"]);
+        rabbitmqctl(&["set_permissions", "-p", vhost, name, ".*", ".*", ".*"]);
         user
     }
 }
@@ -74,9 +97,11 @@ impl Drop for RabbitUser {
     }
 }
 
-/// Puts one task message in the dead-letter queue of `queue`.
-async fn dead_letter(queue: &str, task_id: &str) {
-    let connection = tareas_integration::rabbitmq().await;
+/// Puts one task message in the dead-letter queue of `queue`, over `amqp_url`.
+async fn dead_letter(amqp_url: &str, queue: &str, task_id: &str) {
+    let connection = tareas_common::amqp::connect(amqp_url, "operator-test")
+        .await
+        .expect("connect with the compose credentials");
     let channel = connection.create_channel().await.expect("channel");
     let topology = tareas_integration::topology(queue);
     topology.declare(&connection).await.expect("declare");
@@ -105,16 +130,18 @@ async fn dlq_list_works_with_the_compose_credentials() {
     let deployment = Deployment::new().await;
     let user = format!("compose-{}", uuid::Uuid::new_v4().simple());
     let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
-    let _user = RabbitUser::create(&user, &password);
-    let task_id = format!("dead-{}", uuid::Uuid::new_v4().simple());
-    dead_letter(&deployment.queue, &task_id).await;
+    // Compose's programs use the vhost `tareas` as a user of their own.
+    let _vhost = RabbitVhost::create("tareas");
+    let _user = RabbitUser::create(&user, &password, "tareas");
     let dotenv = BTreeMap::from([
-        ("RABBITMQ_USER", user.as_str()),
-        ("RABBITMQ_PASSWORD", password.as_str()),
-        ("POSTGRES_USER", "postgres"),
+        ("TAREAS_AMQP_USER", user.as_str()),
+        ("TAREAS_AMQP_PASSWORD", password.as_str()),
+        ("TAREAS_DB_USER", "postgres"),
     ]);
     let amqp_url = compose_value("AMQP_URL", &dotenv);
     assert!(amqp_url.contains(&password), "{amqp_url}");
+    let task_id = format!("dead-{}", uuid::Uuid::new_v4().simple());
+    dead_letter(&amqp_url, &deployment.queue, &task_id).await;
 
     let list = || {
         std::process::Command::new(binary("cliente"))

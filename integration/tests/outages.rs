@@ -297,6 +297,7 @@ fn spawn_worker(
         .env("TAREAS_QUEUE", &deployment.queue)
         .env("WORKER_ID", worker_id)
         .env("WORKER_HEALTH_FILE", health)
+        .env("WORKER_METRICS_ADDR", "")
         .env("RUST_LOG", "error")
         .envs(env.iter().copied())
         .stdin(Stdio::null())

@@ -264,9 +264,10 @@ async fn an_operator_lists_and_replays_the_dead_letter_queue() {
     fixed.register_blocking("broken", |_| Ok(json!({"fixed": true})));
     deployment.start_worker_with(deployment.worker_config("w-new", 2), fixed);
     let database = tareas_worker::WorkerConfig::defaults().database;
+    let db = tareas_common::db::Db::new(&database.database_url, 2).expect("db");
     let replayed = cliente::dlq::replay(
         &broker,
-        &database,
+        &db,
         &cliente::dlq::Selection::One(cliente::dlq::key(None, &id).expect("key")),
     )
     .await

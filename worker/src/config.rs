@@ -13,6 +13,10 @@ pub struct WorkerConfig {
     pub database: DatabaseArgs,
     #[command(flatten)]
     pub s3: S3Args,
+    /// Address of `/metrics`, `/healthz` and `/readyz`; empty: none. Give
+    /// each worker on one machine its own port.
+    #[arg(long, env = "WORKER_METRICS_ADDR", default_value = "0.0.0.0:9464")]
+    pub metrics_addr: String,
     /// Tasks run at once by this process.
     /// Default: the number of CPU cores.
     #[arg(long, env = "WORKER_CONCURRENCY")]
@@ -93,6 +97,11 @@ impl WorkerConfig {
                 .map(|o| (o.task_type.clone(), o.limit))
                 .collect(),
         }
+    }
+
+    /// Where `/metrics` is served; `None`: nowhere (an empty address).
+    pub fn metrics_addr(&self) -> anyhow::Result<Option<std::net::SocketAddr>> {
+        tareas_common::config::optional_addr("WORKER_METRICS_ADDR", &self.metrics_addr)
     }
 
     pub fn worker_id(&self) -> String {

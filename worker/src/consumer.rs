@@ -43,10 +43,12 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
         };
         tracing::info!(queue = %ctx.topology.queue, worker_id = %ctx.worker_id, concurrency = ctx.concurrency, prefetch = ctx.prefetch, "consuming");
         let heartbeat = crate::health::Heartbeat::start(ctx.health_file.clone());
+        ctx.set_linked(true);
         let abandon = CancellationToken::new();
         let tracker = TaskTracker::new();
         let ended = consume(&ctx, &channels, consumer, &tracker, &abandon, &shutdown).await;
         drop(heartbeat);
+        ctx.set_linked(false);
         tracker.close();
         match ended {
             Ended::Shutdown => {

@@ -36,6 +36,27 @@ pub struct Context {
     pub drain_limit: Duration,
     /// Touched while consuming; see [`crate::health`].
     pub health_file: std::path::PathBuf,
+    /// Consuming now (a RabbitMQ session is open), for `/readyz`.
+    pub linked: std::sync::atomic::AtomicBool,
+    /// Tasks this worker finished, succeeded and failed, for its `workers` row.
+    pub done: std::sync::atomic::AtomicU64,
+    pub failed: std::sync::atomic::AtomicU64,
+}
+
+impl Context {
+    /// The RabbitMQ session opened (`true`) or ended.
+    pub fn set_linked(&self, linked: bool) {
+        self.linked
+            .store(linked, std::sync::atomic::Ordering::Relaxed);
+        let up = if linked { 1.0 } else { 0.0 };
+        metrics::gauge!(tareas_common::metrics::RABBITMQ_UP).set(up);
+    }
+
+    /// Run slots in use now.
+    pub fn busy_slots(&self) -> usize {
+        self.concurrency
+            .saturating_sub(self.run_slots.available_permits())
+    }
 }
 
 /// One connection's channels.

@@ -18,7 +18,7 @@
 //! released and the message handed back with a nack.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions, BasicRejectOptions};
@@ -26,6 +26,7 @@ use lapin::{BasicProperties, Channel};
 use tareas_common::amqp::{self, Envelope, PublishError};
 use tareas_common::backoff::{random_fraction, retry_until_ok, POSTGRES, S3};
 use tareas_common::db::{Claim, DbError, Finish, TaskRow};
+use tareas_common::metrics as names;
 use tareas_common::task::{TaskMessage, TaskReport, TaskState};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
@@ -99,6 +100,8 @@ pub async fn process(ctx: Arc<Context>, channels: Channels, delivery: Delivery, 
         redelivered = delivery.redelivered,
         attempt = tracing::field::Empty,
     );
+    let unacked = metrics::gauge!(names::UNACKED);
+    unacked.increment(1.0);
     async move {
         let handled = match handle(&ctx, &task, delivery.redelivered, &stop).await {
             Ok(handled) => handled,
@@ -110,14 +113,17 @@ pub async fn process(ctx: Arc<Context>, channels: Channels, delivery: Delivery, 
             settle(&ctx, &channels, &task, &delivery, handled),
         );
         let cause = match settled.await {
-            Ok(Ok(_)) => return,
-            Ok(Err(err)) => err.to_string(),
-            Err(_) => "no answer from RabbitMQ in time".to_owned(),
+            Ok(Ok(_)) => None,
+            Ok(Err(err)) => Some(err.to_string()),
+            Err(_) => Some("no answer from RabbitMQ in time".to_owned()),
         };
-        tracing::warn!(%cause, "could not settle the message; RabbitMQ will redeliver it, and the rerun changes nothing");
+        if let Some(cause) = cause {
+            tracing::warn!(%cause, "could not settle the message; RabbitMQ will redeliver it, and the rerun changes nothing");
+        }
     }
     .instrument(span)
     .await;
+    unacked.decrement(1.0);
 }
 
 /// Tells RabbitMQ what became of the delivery (after the reply, if any).
@@ -137,6 +143,7 @@ async fn settle(
                 send_report(&channels.publish, reply_to.as_str(), &report).await;
             }
             if dead_letter {
+                dead_lettered(task);
                 tracing::warn!(
                     "task failed its last attempt; message moved to the dead-letter queue"
                 );
@@ -167,6 +174,7 @@ async fn settle(
             delivery.nack(requeue()).await
         }
         Handled::Unstorable(why) => {
+            dead_lettered(task);
             tracing::error!(cause = %why, "PostgreSQL refuses this task's data; message moved to the dead-letter queue");
             delivery.reject(BasicRejectOptions { requeue: false }).await
         }
@@ -196,22 +204,34 @@ async fn handle(
         }
         Claim::Started { attempt } => {
             tracing::Span::current().record("attempt", attempt);
+            let task_type = task.task_type.clone();
+            metrics::counter!(names::STARTED, "task_type" => task_type).increment(1);
             match run(ctx, task, attempt, slot, abandon).await? {
                 Ran::Retry { delay_ms } => return Ok(Handled::Retry { delay_ms }),
                 Ran::Done {
                     outcome,
                     dead_letter,
-                } => (record(ctx, task, outcome, abandon).await?, dead_letter),
+                } => {
+                    let row = record(ctx, task, outcome, abandon).await?;
+                    finished(ctx, &row);
+                    (row, dead_letter)
+                }
             }
         }
     };
     let recorded = started.elapsed();
     let document = tareas_common::s3::Document::from(row.document());
+    let storing = Instant::now();
     retry_until_ok(&S3, abandon, || {
         ctx.s3.put_result(task.task_id.as_str(), document.clone())
     })
     .await
     .ok_or(Stopped::Abandoned)?;
+    metrics::histogram!(names::STORE_TIME, "store" => "s3").record(storing.elapsed().as_secs_f64());
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH);
+    if let (Some(created), Ok(now)) = (names::unix_seconds(&row.created_at), now) {
+        metrics::histogram!(names::END_TO_END).record(now.as_secs_f64() - created);
+    }
     tracing::debug!(
         until_postgres_ms = recorded.as_secs_f64() * 1e3,
         s3_ms = (started.elapsed() - recorded).as_secs_f64() * 1e3,
@@ -255,6 +275,9 @@ async fn run(
         outcome = executor::execute(&ctx.registry, task, limit, slot) => outcome,
     };
     tracing::debug!(run_ms = outcome.duration.as_secs_f64() * 1e3, "task ran");
+    let task_type = task.task_type.clone();
+    metrics::histogram!(names::RUN_TIME, "task_type" => task_type)
+        .record(outcome.duration.as_secs_f64());
     let Some(error) = outcome.error.clone() else {
         return Ok(Ran::Done {
             outcome,
@@ -279,6 +302,7 @@ async fn run(
         });
     }
     tracing::info!(%error, "task failed; will retry");
+    metrics::counter!(names::RETRIED, "task_type" => task.task_type.clone()).increment(1);
     let task_id = task.task_id.as_str();
     persist_row(abandon, || {
         ctx.db.retry_later(task_id, &ctx.worker_id, &error)
@@ -306,7 +330,11 @@ async fn record(
         worker_id: ctx.worker_id.clone(),
         duration_ms: u64::try_from(outcome.duration.as_millis()).unwrap_or(u64::MAX),
     };
-    match persist_row(abandon, || ctx.db.finish(finish.clone())).await {
+    let storing = Instant::now();
+    let recorded = persist_row(abandon, || ctx.db.finish(finish.clone())).await;
+    let elapsed = storing.elapsed().as_secs_f64();
+    metrics::histogram!(names::STORE_TIME, "store" => "postgres").record(elapsed);
+    match recorded {
         Err(Stopped::Unstorable(cause)) => {
             tracing::warn!(%cause, "PostgreSQL refuses the task's result; recording a failure");
             let failed = Finish {
@@ -344,6 +372,35 @@ where
         Some(Ok(value)) => Ok(value),
         Some(Err(err)) => Err(Stopped::Unstorable(err.to_string())),
     }
+}
+
+/// Counts a task this delivery ran to its end, as the row records it (the
+/// first finish wins): the counters, the worker's totals, its queue wait.
+fn finished(ctx: &Context, row: &TaskRow) {
+    let outcome = match row.state {
+        TaskState::Succeeded => "succeeded",
+        _ => "failed",
+    };
+    let labels = [
+        ("task_type", row.task_type.clone()),
+        ("outcome", outcome.to_owned()),
+    ];
+    metrics::counter!(names::FINISHED, &labels).increment(1);
+    let total = match row.state {
+        TaskState::Succeeded => &ctx.done,
+        _ => &ctx.failed,
+    };
+    total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if let Some(started_at) = &row.started_at {
+        if let Some(wait) = names::seconds_between(&row.created_at, started_at) {
+            metrics::histogram!(names::QUEUE_WAIT).record(wait);
+        }
+    }
+}
+
+fn dead_lettered(task: &TaskMessage) {
+    let task_type = task.task_type.clone();
+    metrics::counter!(names::DEAD_LETTERED, "task_type" => task_type).increment(1);
 }
 
 fn requeue() -> BasicNackOptions {

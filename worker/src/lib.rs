@@ -7,6 +7,7 @@
 //! - [`registry`]: task_type → handler, and the handler error type.
 //! - [`builtins`]: the built-in task types.
 //! - [`health`]: the heartbeat file behind `worker --check-health`.
+//! - [`observe`]: `/metrics`, `/healthz`, `/readyz` on `WORKER_METRICS_ADDR`, and the `workers` row.
 //! - [`executor`]: runs one handler: blocking pool or polled in place, time limit, panics caught.
 //! - [`context`]: what every delivery shares: stores, run slots, channels.
 //! - [`consumer`]: the RabbitMQ session: prefetch, reconnects, drain on shutdown.
@@ -21,6 +22,7 @@ pub mod context;
 pub mod delivery;
 pub mod executor;
 pub mod health;
+pub mod observe;
 pub mod registry;
 pub mod retry;
 pub mod time_limits;
@@ -31,6 +33,7 @@ use std::time::Duration;
 use tareas_common::backoff::{retry_until_ok, POSTGRES, S3};
 use tareas_common::db::Db;
 use tareas_common::topology::Topology;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::config::WorkerConfig;
@@ -78,6 +81,9 @@ impl Worker {
             },
             drain_limit: Duration::from_secs(config.shutdown_timeout_secs),
             health_file: config.health_file.clone(),
+            linked: Default::default(),
+            done: Default::default(),
+            failed: Default::default(),
         };
         Ok(Worker { context })
     }
@@ -97,7 +103,18 @@ impl Worker {
     /// draining in-flight tasks before it returns. Waits (logging once) for
     /// any dependency that is not there yet.
     pub async fn run(self, shutdown: CancellationToken) {
-        let ctx = self.context;
+        self.run_observed(None, shutdown).await;
+    }
+
+    /// [`Worker::run`], serving `/metrics`, `/healthz` and `/readyz` on
+    /// `metrics` meanwhile, and renewing its `workers` row.
+    pub async fn run_observed(self, metrics: Option<TcpListener>, shutdown: CancellationToken) {
+        let ctx = Arc::new(self.context);
+        tareas_common::metrics::handle();
+        if let Some(listener) = metrics {
+            tokio::spawn(observe::serve(listener, ctx.clone(), shutdown.clone()));
+        }
+        tokio::spawn(observe::report(ctx.clone(), shutdown.clone()));
         if retry_until_ok(&POSTGRES, &shutdown, || ctx.db.migrate())
             .await
             .is_none()
@@ -110,6 +127,6 @@ impl Worker {
         {
             return;
         }
-        consumer::run(Arc::new(ctx), shutdown).await;
+        consumer::run(ctx, shutdown).await;
     }
 }

@@ -14,7 +14,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 async fn main() -> ExitCode {
     let config: WorkerConfig = tareas_common::config::parse();
     if config.check_health {
-        return match tareas_worker::health::check(&config.health_file) {
+        return match tareas_worker::health::check_config(&config).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(why) => {
                 eprintln!("worker unhealthy: {why}");
@@ -31,6 +31,15 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // A worker that cannot be observed does not run: its address is taken
+    // (another worker on this machine?) or wrong.
+    let metrics = match bind_metrics(&config).await {
+        Ok(metrics) => metrics,
+        Err(err) => {
+            eprintln!("worker: {err:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     tracing::info!(
         worker_id = worker.worker_id(),
         queue = %config.broker.queue,
@@ -39,7 +48,21 @@ async fn main() -> ExitCode {
         s3 = %config.s3.s3_endpoint,
         "worker starting"
     );
-    worker.run(shutdown).await;
+    worker.run_observed(metrics, shutdown).await;
     tracing::info!("worker stopped");
     ExitCode::SUCCESS
+}
+
+async fn bind_metrics(config: &WorkerConfig) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    let Some(addr) = config.metrics_addr()? else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|err| {
+        anyhow::anyhow!(
+            "cannot serve metrics on {addr} (WORKER_METRICS_ADDR): {err}; give each worker on \
+             this machine its own address, or set it empty to serve none"
+        )
+    })?;
+    tracing::info!(addr = %listener.local_addr()?, "metrics, healthz and readyz served");
+    Ok(Some(listener))
 }

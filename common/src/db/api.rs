@@ -13,14 +13,30 @@ use super::rows::TaskRow;
 use super::{Db, DbError};
 use crate::backoff::Backoff;
 
+/// Whose tasks a listing shows.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum Scope {
+    /// The anonymous scope: keys without `/`.
+    #[default]
+    Anonymous,
+    /// One client's: keys that begin with `<client>/`.
+    Client(String),
+    /// Every client's (operators).
+    All,
+}
+
 /// Which tasks a listing shows.
 #[derive(Debug, Clone, Default)]
 pub struct Listing {
-    /// Whose tasks: their keys begin with `<client>/`; `None`: the
-    /// anonymous scope (keys without `/`).
-    pub client: Option<String>,
+    pub scope: Scope,
+    /// Only the task with this id (in any scope the listing shows).
+    pub task_id: Option<String>,
+    /// Only tasks in this state.
     pub state: Option<String>,
+    /// Only tasks of this type.
     pub task_type: Option<String>,
+    /// Only tasks of this work queue (a dashboard shows its distribuidor's).
+    pub queue: Option<String>,
     /// At most this many rows.
     pub limit: i64,
     /// Rows strictly older than this (`created_at`, key), from the last
@@ -36,16 +52,24 @@ impl Db {
         listing: &Listing,
     ) -> Result<(Vec<TaskRow>, Option<(String, String)>), DbError> {
         let client = self.pool.get().await?;
-        let prefix = listing.client.as_ref().map(|name| format!("{name}/"));
+        // '': every key; '/': keys without one; 'name/': that client's.
+        let prefix = match &listing.scope {
+            Scope::All => String::new(),
+            Scope::Anonymous => "/".to_owned(),
+            Scope::Client(name) => format!("{name}/"),
+        };
         let (after_at, after_key) = listing.after.clone().unzip();
         let rows = client
             .query(
                 "SELECT to_jsonb(tasks), created_at::text FROM tasks
-                 WHERE CASE WHEN $1::text IS NULL THEN strpos(task_id, '/') = 0
-                            ELSE starts_with(task_id, $1) END
+                 WHERE CASE $1::text WHEN '' THEN true
+                                     WHEN '/' THEN strpos(task_id, '/') = 0
+                                     ELSE starts_with(task_id, $1) END
                    AND ($2::text IS NULL OR state = $2)
                    AND ($3::text IS NULL OR task_type = $3)
                    AND ($4::text IS NULL OR (created_at, task_id) < ($4::timestamptz, $5::text))
+                   AND ($7::text IS NULL OR task_id = $7 OR task_id LIKE '%/' || $7)
+                   AND ($8::text IS NULL OR queue = $8)
                  ORDER BY created_at DESC, task_id DESC
                  LIMIT $6",
                 &[
@@ -55,6 +79,8 @@ impl Db {
                     &after_at,
                     &after_key,
                     &listing.limit,
+                    &listing.task_id,
+                    &listing.queue,
                 ],
             )
             .await?;
@@ -83,6 +109,7 @@ impl Db {
     ) {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         while !shutdown.is_cancelled() {
+            let session_began = std::time::Instant::now();
             let listened = if super::requires_tls(&self.url) {
                 listen(
                     &self.url,
@@ -98,12 +125,15 @@ impl Db {
             };
             if let Err(err) = listened {
                 tracing::debug!(cause = %err, "listening for finished tasks; reconnecting");
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(backoff.next_delay()) => {}
-                }
-            } else {
+            }
+            // Never reconnect in a loop: each session's end waits, longer
+            // each time in a row (a session that ran a while starts over).
+            if session_began.elapsed() > Duration::from_secs(60) {
                 backoff.reset();
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(backoff.next_delay()) => {}
             }
         }
     }

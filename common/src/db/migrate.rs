@@ -11,6 +11,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (2, include_str!("../../migrations/0002_client_queue.sql")),
     (3, include_str!("../../migrations/0003_outbox.sql")),
     (4, include_str!("../../migrations/0004_http_api.sql")),
+    (5, include_str!("../../migrations/0005_workers.sql")),
 ];
 
 /// Key of the advisory lock held while migrating.

@@ -7,6 +7,8 @@
 //! - `outbox`: the distribuidor's relay of rows whose publish was never confirmed.
 //! - `admin`: the operator's (`cliente dlq replay`).
 //! - `api`: the HTTP API's listing, and finished-task notifications.
+//! - `workers`: the workers' own rows, for the dashboard.
+//! - `dashboard`: the overview's throughput and latency figures.
 //! - `rows`: the typed rows they return.
 //! - `batch`: the group-commit writer behind the hot writes.
 //!
@@ -19,11 +21,13 @@
 mod admin;
 mod api;
 mod batch;
+mod dashboard;
 mod migrate;
 mod outbox;
 mod rows;
 mod run;
 mod submit;
+mod workers;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,13 +35,15 @@ use std::time::Duration;
 use deadpool_postgres::{ManagerConfig, Pool, PoolConfig, RecyclingMethod, Runtime, Timeouts};
 use tokio_postgres::NoTls;
 
-pub use self::api::Listing;
+pub use self::api::{Listing, Scope};
 use self::batch::Batcher;
+pub use self::dashboard::{Overview, BUCKET_SECS};
 pub use self::outbox::{Orphans, OWNER_ALIVE};
 pub use self::rows::{TaskRecord, TaskRow};
 use self::run::ClaimCall;
 pub use self::run::{Claim, Finish};
 pub use self::submit::{Origin, RowVersion, Submission};
+pub use self::workers::{WorkerRow, GONE_AFTER_SECS};
 
 /// Most rows in one batched statement.
 const MAX_BATCH: usize = 256;

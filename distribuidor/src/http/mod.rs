@@ -5,6 +5,7 @@
 //! codes. docs/http.md is the reference.
 
 mod tasks;
+mod ui;
 mod waiters;
 
 use std::net::SocketAddr;
@@ -35,9 +36,42 @@ pub const MAX_WAIT_SECS: u64 = 60;
 /// What every request shares.
 #[derive(Clone)]
 pub struct App {
+    /// The intake, the database, the tokens: the same as the socket's.
     pub shared: Arc<Shared>,
     /// Requests waiting for their task to finish.
     pub waiters: Arc<Waiters>,
+    /// Long polls at once; past it a `?wait=` answers at once.
+    pub polls: Arc<tokio::sync::Semaphore>,
+    /// Shutdown began: long polls answer now.
+    pub shutdown: CancellationToken,
+    /// Where the dead-letter queue is, for the dashboard.
+    pub broker: tareas_common::config::BrokerArgs,
+}
+
+impl App {
+    /// The API's state, and the listener that wakes long polls when any
+    /// distribuidor's task finishes (`LISTEN tareas_finished`), until `stop`.
+    pub fn start(
+        shared: Arc<Shared>,
+        config: &crate::config::Config,
+        stop: CancellationToken,
+        shutdown: CancellationToken,
+    ) -> App {
+        let waiters = Arc::new(Waiters::default());
+        let (db, finished, reconnected) = (shared.db.clone(), waiters.clone(), waiters.clone());
+        tokio::spawn(async move {
+            let on_finish = |key: &str| finished.finished(key);
+            let on_reconnect = || reconnected.wake_all();
+            db.listen_finished(on_finish, on_reconnect, stop).await;
+        });
+        App {
+            shared,
+            waiters,
+            polls: Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections)),
+            shutdown,
+            broker: config.broker.clone(),
+        }
+    }
 }
 
 #[derive(OpenApi)]
@@ -55,11 +89,13 @@ pub fn router(app: App, max_body_bytes: usize) -> axum::Router {
         .routes(routes!(tasks::get))
         .routes(routes!(healthz))
         .routes(routes!(readyz))
-        .with_state(app)
+        .routes(routes!(prometheus))
+        .with_state(app.clone())
         .split_for_parts();
     api.info.version = env!("CARGO_PKG_VERSION").to_owned();
     let document = Arc::new(api);
     router
+        .merge(ui::routes().with_state(app))
         .route(
             "/openapi.json",
             axum::routing::get(move || async move { Json(document.as_ref().clone()) }),
@@ -84,10 +120,11 @@ pub async fn serve(listener: TcpListener, router: axum::Router, shutdown: Cancel
     }
 }
 
-/// Who sends a request: the client whose task ids it names, and whose
-/// quota its tasks count against.
+/// Who sends a request.
 pub struct Who {
+    /// The client whose task ids it names.
     pub scope: String,
+    /// Whose quota its tasks count against: the client, else its address.
     pub quota: String,
 }
 
@@ -138,6 +175,18 @@ impl App {
             None,
         ))
     }
+}
+
+/// A listing's position as the `next` of a page: hex of `<created_at>|<key>`.
+pub fn encode_cursor((at, key): &(String, String)) -> String {
+    hex::encode(format!("{at}|{key}"))
+}
+
+/// The position a `next` names; `None` if it is not one.
+pub fn decode_cursor(cursor: &str) -> Option<(String, String)> {
+    let text = String::from_utf8(hex::decode(cursor).ok()?).ok()?;
+    let (at, key) = text.split_once('|')?;
+    Some((at.to_owned(), key.to_owned()))
 }
 
 /// `{"error":{"code":…,"message":…}}`.
@@ -211,6 +260,17 @@ fn from_intake(reply: Reply) -> Response {
             error(ErrorCode::Unavailable, "internal error; retry later", None)
         }
     }
+}
+
+/// Prometheus text format: counters, histograms and gauges of this
+/// distribuidor (docs/operations.md lists them). No task data.
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+async fn prometheus() -> impl IntoResponse {
+    let content_type = "text/plain; version=0.0.4; charset=utf-8";
+    (
+        [(header::CONTENT_TYPE, content_type)],
+        tareas_common::metrics::render(),
+    )
 }
 
 /// The process is up.

@@ -10,12 +10,12 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tareas_common::db::{Listing, TaskRow};
+use tareas_common::db::{Listing, Scope, TaskRow};
 use tareas_common::protocol::{ErrorCode, TaskRequest};
-use tareas_common::task::{TaskId, TaskKey};
+use tareas_common::task::TaskKey;
 
 use super::waiters::FALLBACK;
-use super::{error, from_intake, App, ErrorBody, Who, MAX_WAIT_SECS};
+use super::{decode_cursor, encode_cursor, error, from_intake, App, ErrorBody, Who, MAX_WAIT_SECS};
 use crate::auth::ANONYMOUS;
 
 /// The body of `POST /tasks`: the socket's `task` fields.
@@ -172,8 +172,8 @@ pub async fn get(
     Path(task_id): Path<String>,
     Query(params): Query<WaitParams>,
 ) -> Response {
-    let key = match TaskId::parse(&task_id) {
-        Ok(id) => TaskKey::new(&who.scope, &id),
+    let key = match TaskKey::for_client(&who.scope, &task_id) {
+        Ok(key) => key,
         Err(err) => return error(ErrorCode::InvalidRequest, err.to_string(), None),
     };
     let wait = Duration::from_secs(params.wait.unwrap_or(0).min(MAX_WAIT_SECS));
@@ -192,31 +192,40 @@ pub async fn get(
 
 /// The task's row once it is terminal, or as it is when `wait` ends.
 async fn wait_for(app: &App, key: &TaskKey, wait: Duration) -> Result<Option<TaskRow>, Response> {
+    // At most `polls` wait at once; the others answer with the row as it is.
+    let Ok(_poll) = app.polls.try_acquire() else {
+        return read_row(app, key).await;
+    };
     let deadline = tokio::time::Instant::now() + wait;
     let waiting = app.waiters.wait(key.as_str());
     loop {
         let notified = waiting.notify.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let row = app.shared.db.row(key.as_str()).await.map_err(|err| {
-            tracing::warn!(cause = %err, "reading a task for the HTTP API");
-            error(
-                ErrorCode::Unavailable,
-                "PostgreSQL is unavailable; retry later",
-                None,
-            )
-        })?;
+        let row = read_row(app, key).await?;
         let now = tokio::time::Instant::now();
         let finished = row.as_ref().is_some_and(|row| row.state.is_terminal());
-        if finished || now >= deadline {
+        if finished || now >= deadline || app.shutdown.is_cancelled() {
             return Ok(row);
         }
         let look_again = (now + FALLBACK).min(deadline);
         tokio::select! {
             () = notified => {}
             () = tokio::time::sleep_until(look_again) => {}
+            () = app.shutdown.cancelled() => {}
         }
     }
+}
+
+async fn read_row(app: &App, key: &TaskKey) -> Result<Option<TaskRow>, Response> {
+    app.shared.db.row(key.as_str()).await.map_err(|err| {
+        tracing::warn!(cause = %err, "reading a task for the HTTP API");
+        error(
+            ErrorCode::Unavailable,
+            "PostgreSQL is unavailable; retry later",
+            None,
+        )
+    })
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -256,7 +265,12 @@ pub async fn list(State(app): State<App>, who: Who, Query(params): Query<ListPar
         }
     };
     let listing = Listing {
-        client: (who.scope != ANONYMOUS).then_some(who.scope),
+        scope: match who.scope.as_str() {
+            ANONYMOUS => Scope::Anonymous,
+            _ => Scope::Client(who.scope),
+        },
+        task_id: None,
+        queue: None,
         state: params.state,
         task_type: params.task_type,
         limit: params.limit.unwrap_or(50).clamp(1, 500),
@@ -265,7 +279,7 @@ pub async fn list(State(app): State<App>, who: Who, Query(params): Query<ListPar
     match app.shared.db.list(&listing).await {
         Ok((rows, next)) => Json(TaskList {
             tasks: rows.into_iter().map(TaskView::from).collect(),
-            next: next.map(|(at, key)| hex::encode(format!("{at}|{key}"))),
+            next: next.map(|next| encode_cursor(&next)),
         })
         .into_response(),
         Err(err) => {
@@ -277,11 +291,4 @@ pub async fn list(State(app): State<App>, who: Who, Query(params): Query<ListPar
             )
         }
     }
-}
-
-/// A `next` cursor: hex of `<created_at>|<key>`.
-fn decode_cursor(cursor: &str) -> Option<(String, String)> {
-    let text = String::from_utf8(hex::decode(cursor).ok()?).ok()?;
-    let (at, key) = text.split_once('|')?;
-    Some((at.to_owned(), key.to_owned()))
 }

@@ -23,6 +23,7 @@ pub struct Waiters {
 pub struct Waiting<'a> {
     waiters: &'a Waiters,
     key: String,
+    /// Woken when the task finishes, or when notifications may have been lost.
     pub notify: Arc<Notify>,
 }
 

@@ -1,23 +1,24 @@
-//! `cliente dlq`: the operator's view of the dead-letter queue. `list`
+//! The operator's view of the dead-letter queue (`cliente dlq`, the
+//! dashboard's Dead letters page). `list`
 //! shows what is there without removing it; `replay` makes chosen tasks
 //! runnable again (their `failed` row back to `queued`), publishes them to
 //! the work queue with a confirm, and only then removes them from the
 //! dead-letter queue.
 //!
-//! It talks to RabbitMQ and PostgreSQL directly (AMQP_URL, DATABASE_URL),
-//! not through the distribuidor.
+//! It opens its own short connection to RabbitMQ (AMQP_URL) and uses
+//! PostgreSQL directly.
 
+use crate::amqp::{self, Envelope};
+use crate::config::{redacted, BrokerArgs};
+use crate::db::Db;
+use crate::task::{TaskKey, TaskMessage};
+use crate::token::ANONYMOUS;
+use crate::topology::Topology;
 use anyhow::{bail, Context};
 use lapin::message::BasicGetMessage;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection};
-use tareas_common::amqp::{self, Envelope};
-use tareas_common::config::{redacted, BrokerArgs, DatabaseArgs};
-use tareas_common::db::Db;
-use tareas_common::task::{TaskId, TaskKey, TaskMessage};
-use tareas_common::token::ANONYMOUS;
-use tareas_common::topology::Topology;
 
 /// Which dead-lettered tasks to replay.
 #[derive(Debug, Clone)]
@@ -28,13 +29,12 @@ pub enum Selection {
 
 /// The task `task_id` of `client` (none: the anonymous scope).
 pub fn key(client: Option<&str>, task_id: &str) -> anyhow::Result<TaskKey> {
-    let id = TaskId::parse(task_id)?;
     let client = client.unwrap_or(ANONYMOUS);
     if client != ANONYMOUS {
-        tareas_common::token::check_client_name(client)
+        crate::token::check_client_name(client)
             .map_err(|problem| anyhow::anyhow!("--client {client:?}: {problem}"))?;
     }
-    Ok(TaskKey::new(client, &id))
+    Ok(TaskKey::for_client(client, task_id)?)
 }
 
 /// One dead-lettered message, as `list` shows it.
@@ -139,10 +139,9 @@ pub async fn list(broker: &BrokerArgs) -> anyhow::Result<Vec<DeadLetter>> {
 /// Replays the selected dead-lettered tasks; returns the replayed ids.
 pub async fn replay(
     broker: &BrokerArgs,
-    database: &DatabaseArgs,
+    db: &Db,
     selection: &Selection,
 ) -> anyhow::Result<Vec<String>> {
-    let db = Db::new(&database.database_url, 2)?;
     let (connection, channel, topology) = open(broker).await?;
     let messages = fetch_all(&channel, &topology).await?;
     let mut replayed = Vec::new();
