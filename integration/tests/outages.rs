@@ -209,18 +209,44 @@ async fn results_reach_a_waiting_client_across_a_rabbitmq_restart() {
     deployment.stop().await;
 }
 
+/// Waits (up to `LIMIT`) until the worker's `/readyz` answers `status`.
+async fn readyz_turns(addr: std::net::SocketAddr, status: u16) {
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let answer = tareas_integration::http::request(addr, "GET", "/readyz", &[], b"").await;
+        if answer.status == status {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the worker's /readyz stayed {} ({}), never {status}",
+            answer.status,
+            answer.json
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restart_loses_no_acked_task() {
     let mut deployment = Deployment::new().await;
     let distribuidor = deployment
         .start_distribuidor(deployment.distribuidor_config())
         .await;
-    deployment.start_worker(deployment.worker_config("w-pg", 2));
+    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let worker_http = metrics.local_addr().unwrap();
+    let mut registry = tareas_worker::Registry::new();
+    tareas_worker::builtins::register(&mut registry);
+    let config = deployment.worker_config("w-pg", 2);
+    deployment.start_observed_worker(config, registry, Some(metrics));
+    readyz_turns(worker_http, 200).await;
     let mut ids = submit_batch(&distribuidor, 30, 100).await;
     let edge = {
         let _restore = postgres_stop();
+        readyz_turns(worker_http, 503).await;
         expect_unavailable(&distribuidor).await
     };
+    readyz_turns(worker_http, 200).await;
     ids.extend(edge.audit().await);
     ids.insert(submit_until_acked(&distribuidor, task("hash", json!({"text": "after"}))).await);
     assert_all_stored(&ids, TaskState::Succeeded).await;
