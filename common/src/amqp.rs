@@ -67,15 +67,42 @@ pub struct Envelope {
     pub correlation_id: Option<ShortString>,
     /// The reply queue of the distribuidor that accepted the task.
     pub reply_to: Option<ShortString>,
+    /// The task's W3C `traceparent` ([`traceparent`]), as an AMQP header.
+    pub traceparent: Option<String>,
+}
+
+/// Name of the AMQP header carrying a task's W3C trace context.
+pub const TRACEPARENT: &str = "traceparent";
+
+/// A new W3C `traceparent` (`00-<trace id>-<parent id>-01`) for a task:
+/// the distribuidor's and the worker's spans of the task carry its trace id.
+pub fn traceparent() -> String {
+    let trace = uuid::Uuid::new_v4().simple().to_string();
+    let parent = uuid::Uuid::new_v4().simple().to_string();
+    format!("00-{trace}-{}-01", &parent[..16])
+}
+
+/// The trace id of a `traceparent`.
+pub fn trace_id(traceparent: &str) -> Option<&str> {
+    traceparent.split('-').nth(1).filter(|id| id.len() == 32)
+}
+
+/// The `traceparent` header of a message, if it has one.
+pub fn traceparent_of(properties: &BasicProperties) -> Option<String> {
+    match properties.headers().as_ref()?.inner().get(TRACEPARENT)? {
+        lapin::types::AMQPValue::LongString(value) => Some(value.to_string()),
+        _ => None,
+    }
 }
 
 impl Envelope {
     /// The envelope of task `task_id` whose result goes to `reply_to`.
-    pub fn task(task_id: &str, reply_to: Option<ShortString>) -> Envelope {
+    pub fn task(task_id: &str, reply_to: Option<ShortString>, traceparent: String) -> Envelope {
         Envelope {
             message_id: Some(task_id.into()),
             correlation_id: Some(task_id.into()),
             reply_to,
+            traceparent: Some(traceparent),
         }
     }
 
@@ -89,6 +116,7 @@ impl Envelope {
                 .clone()
                 .or_else(|| Some(task_id.into())),
             reply_to: properties.reply_to().clone(),
+            traceparent: traceparent_of(properties),
         }
     }
 
@@ -104,6 +132,12 @@ impl Envelope {
         }
         if let Some(queue) = self.reply_to {
             properties = properties.with_reply_to(queue);
+        }
+        if let Some(traceparent) = self.traceparent {
+            let mut headers = lapin::types::FieldTable::default();
+            let value = lapin::types::AMQPValue::LongString(traceparent.into());
+            headers.insert(TRACEPARENT.into(), value);
+            properties = properties.with_headers(headers);
         }
         properties
     }
@@ -159,4 +193,24 @@ pub async fn publish_persistent(
     tokio::time::timeout(CONFIRM_TIMEOUT, confirmed)
         .await
         .map_err(|_| PublishError::Timeout(CONFIRM_TIMEOUT))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_task_carries_its_trace_context_and_a_forward_keeps_it() {
+        let traceparent = traceparent();
+        let parts: Vec<&str> = traceparent.split('-').collect();
+        assert_eq!(
+            parts.iter().map(|p| p.len()).collect::<Vec<_>>(),
+            [2, 32, 16, 2]
+        );
+        assert_eq!(trace_id(&traceparent), Some(parts[1]));
+        let sent = Envelope::task("t1", None, traceparent.clone()).properties();
+        assert_eq!(traceparent_of(&sent).as_deref(), Some(traceparent.as_str()));
+        let forwarded = Envelope::forwarded("t1", &sent).properties();
+        assert_eq!(traceparent_of(&forwarded), Some(traceparent));
+    }
 }

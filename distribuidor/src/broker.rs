@@ -103,17 +103,22 @@ impl Broker {
             return Err(PublishError::Disconnected);
         };
         let body = serde_json::to_vec(task).expect("a TaskMessage always serializes");
+        // One trace per task: the submit span and the worker's delivery
+        // span carry its id.
+        let traceparent = amqp::traceparent();
+        if let Some(trace_id) = amqp::trace_id(&traceparent) {
+            tracing::Span::current().record("trace_id", trace_id);
+        }
         let envelope = Envelope::task(
             task.task_id.as_str(),
             Some(session.reply_queue.as_str().into()),
+            traceparent,
         );
         amqp::publish_persistent(&session.channel, &self.topology.queue, &body, envelope).await
     }
 }
 
 impl Broker {
-    /// Whether the work queue holds its maximum length right now (a passive
-    /// declare): tells a nack for a full queue from any other.
     /// Messages in the work queue and its dead-letter queue (passive
     /// declares); those it could not count are left out.
     pub async fn depths(&self) -> Vec<(String, u32)> {
@@ -143,6 +148,8 @@ impl Broker {
         depths
     }
 
+    /// Whether the work queue holds its maximum length right now (a passive
+    /// declare): tells a nack for a full queue from any other.
     pub async fn queue_is_full(&self) -> bool {
         let Some(max) = self.topology.max_length else {
             return false;

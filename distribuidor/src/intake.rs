@@ -112,7 +112,7 @@ impl Shared {
     /// alone, and a queued one is published again (its first publish may
     /// never have been confirmed; the worker's writes make a duplicate
     /// message harmless).
-    #[tracing::instrument(name = "submit", skip_all, fields(task_id = %task.task_id))]
+    #[tracing::instrument(name = "submit", skip_all, fields(task_id = %task.task_id, trace_id))]
     pub async fn submit(
         &self,
         task: TaskMessage,

@@ -99,7 +99,12 @@ pub async fn process(ctx: Arc<Context>, channels: Channels, delivery: Delivery, 
         task_type = %task.task_type,
         redelivered = delivery.redelivered,
         attempt = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
     );
+    let traceparent = amqp::traceparent_of(&delivery.properties);
+    if let Some(trace_id) = traceparent.as_deref().and_then(amqp::trace_id) {
+        span.record("trace_id", trace_id);
+    }
     let unacked = metrics::gauge!(names::UNACKED);
     unacked.increment(1.0);
     async move {
