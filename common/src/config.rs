@@ -176,6 +176,11 @@ pub struct LogArgs {
     /// `text` for people, `json` for log collectors. The level comes from `RUST_LOG`.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// An OpenTelemetry collector (`http://host:4318`, OTLP over HTTP):
+    /// spans are exported to it, a task one trace from the distribuidor to
+    /// the worker. Unset: nothing is exported.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otel_endpoint: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -105,9 +105,10 @@ impl Broker {
         let body = serde_json::to_vec(task).expect("a TaskMessage always serializes");
         // One trace per task: the submit span and the worker's delivery
         // span carry its id.
-        let traceparent = amqp::traceparent();
+        let span = tracing::Span::current();
+        let traceparent = tareas_common::telemetry::traceparent_of(&span);
         if let Some(trace_id) = amqp::trace_id(&traceparent) {
-            tracing::Span::current().record("trace_id", trace_id);
+            span.record("trace_id", trace_id);
         }
         let envelope = Envelope::task(
             task.task_id.as_str(),

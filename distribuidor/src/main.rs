@@ -10,7 +10,7 @@ use tareas_distribuidor::Distribuidor;
 #[tokio::main]
 async fn main() -> ExitCode {
     let config: Config = tareas_common::config::parse();
-    tareas_common::telemetry::init(config.log.log_format);
+    let _telemetry = tareas_common::telemetry::init(&config.log, "distribuidor");
     match run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

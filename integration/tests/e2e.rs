@@ -20,3 +20,4 @@ mod reliability;
 mod scaling;
 mod slots;
 mod tls;
+mod traces;

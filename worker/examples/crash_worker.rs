@@ -10,7 +10,7 @@ use tareas_worker::{builtins, Registry, Worker, WorkerConfig};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config: WorkerConfig = tareas_common::config::parse();
-    tareas_common::telemetry::init(config.log.log_format);
+    let _telemetry = tareas_common::telemetry::init(&config.log, "worker");
     let mut registry = Registry::new();
     builtins::register(&mut registry);
     registry.register_blocking("crash", |_| std::process::abort());

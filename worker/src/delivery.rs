@@ -102,8 +102,11 @@ pub async fn process(ctx: Arc<Context>, channels: Channels, delivery: Delivery, 
         trace_id = tracing::field::Empty,
     );
     let traceparent = amqp::traceparent_of(&delivery.properties);
-    if let Some(trace_id) = traceparent.as_deref().and_then(amqp::trace_id) {
-        span.record("trace_id", trace_id);
+    if let Some(traceparent) = &traceparent {
+        tareas_common::telemetry::continue_trace(&span, traceparent);
+        if let Some(trace_id) = amqp::trace_id(traceparent) {
+            span.record("trace_id", trace_id);
+        }
     }
     let unacked = metrics::gauge!(names::UNACKED);
     unacked.increment(1.0);

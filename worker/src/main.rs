@@ -22,7 +22,7 @@ async fn main() -> ExitCode {
             }
         };
     }
-    tareas_common::telemetry::init(config.log.log_format);
+    let _telemetry = tareas_common::telemetry::init(&config.log, "worker");
     let shutdown = tareas_common::shutdown::on_signal();
     let worker = match Worker::with_builtins(&config) {
         Ok(worker) => worker,
