@@ -79,6 +79,33 @@ fn with_defaults(
         .mut_subcommands(|sub| with_defaults(sub, defaults))
 }
 
+/// A duration as settings write it: `0`, or a whole number with a unit,
+/// `ms`, `s`, `m`, `h` or `d` (`500ms`, `30s`, `1m`, `12h`, `7d`).
+pub fn duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    if text == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{text:?} has no unit: write 30s, 1m, 12h or 7d"))?;
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?}: write a whole number and a unit, like 30s or 7d"))?;
+    let seconds = match unit {
+        "ms" => return Ok(std::time::Duration::from_millis(number)),
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{text:?}: the unit is one of ms, s, m, h, d")),
+    };
+    Ok(std::time::Duration::from_secs(
+        number.saturating_mul(seconds),
+    ))
+}
+
 /// An address setting whose empty value means "off" (see
 /// `EMPTY_MEANS_OFF`): `None` when empty, else the parsed address.
 pub fn optional_addr(setting: &str, value: &str) -> anyhow::Result<Option<std::net::SocketAddr>> {
@@ -209,7 +236,19 @@ pub fn redacted(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{env_file_values, redacted};
+    use super::{duration, env_file_values, redacted};
+
+    #[test]
+    fn durations_are_read_with_their_unit() {
+        use std::time::Duration;
+        assert_eq!(duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert_eq!(duration("12h"), Ok(Duration::from_secs(12 * 3600)));
+        assert_eq!(duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(duration("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(duration("0"), Ok(Duration::ZERO));
+        assert!(duration("7").is_err() && duration("7w").is_err() && duration("d").is_err());
+    }
 
     #[test]
     fn an_env_file_gives_its_values_without_comments_quotes_or_empties() {

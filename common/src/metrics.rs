@@ -7,13 +7,13 @@ use std::sync::OnceLock;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 // The distribuidor.
-/// Task requests read (socket and HTTP), before validation.
+/// Task requests parsed (socket and HTTP), before their fields are checked.
 pub const RECEIVED: &str = "tareas_tasks_received_total";
 /// Tasks acked (socket `ack`, HTTP `202`): durably queued.
 pub const ACKED: &str = "tareas_tasks_acked_total";
 /// Task requests refused, by error `code`.
 pub const REFUSED: &str = "tareas_tasks_refused_total";
-/// Request read → ack decided, seconds.
+/// Request validated → ack decided (record and confirmed publish), seconds.
 pub const ACK_LATENCY: &str = "tareas_ack_latency_seconds";
 /// Client connections open on the socket.
 pub const CONNECTIONS: &str = "tareas_connections_open";
@@ -71,6 +71,30 @@ pub fn handle() -> &'static PrometheusHandle {
         }
         handle
     })
+}
+
+/// One up in gauge `name` until dropped (a panic included): for things in
+/// progress, so the gauge never drifts.
+pub struct InProgress(metrics::Gauge);
+
+impl InProgress {
+    pub fn start(name: &'static str) -> InProgress {
+        let gauge = metrics::gauge!(name);
+        gauge.increment(1.0);
+        InProgress(gauge)
+    }
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
+/// Drains the histograms' recent samples into their buckets; without it
+/// they pile up until a scrape. Call every few seconds.
+pub fn upkeep() {
+    handle().run_upkeep();
 }
 
 /// The text exposition format, for `GET /metrics`.

@@ -73,7 +73,7 @@ pub enum Reply {
 }
 
 /// A task's state as a status request sees it: `unknown` when no such task
-/// was ever acked.
+/// was ever acked, `expired` when retention removed it (`TAREAS_RESULT_TTL`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StatusState {
@@ -82,6 +82,7 @@ pub enum StatusState {
     Succeeded,
     Failed,
     Unknown,
+    Expired,
 }
 
 impl From<TaskState> for StatusState {

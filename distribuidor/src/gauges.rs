@@ -22,6 +22,7 @@ pub async fn run(broker: Broker, router: Arc<Router>, stop: CancellationToken) {
             () = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
+        names::upkeep();
         metrics::gauge!(names::RESULTS_AWAITED).set(router.len() as f64);
         let up = broker.is_connected();
         metrics::gauge!(names::RABBITMQ_UP).set(if up { 1.0 } else { 0.0 });

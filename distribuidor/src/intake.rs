@@ -317,16 +317,27 @@ impl Shared {
             Ok(key) => key,
             Err(err) => return Reply::error(ErrorCode::InvalidRequest, err.to_string(), None),
         };
-        match self.db.status(key.as_str()).await {
-            Ok(Some(record)) => Reply::Status {
+        let status = match self.db.status(key.as_str()).await {
+            Ok(None) => self
+                .db
+                .is_expired(key.as_str())
+                .await
+                .map(|expired| (None, expired)),
+            found => found.map(|record| (record, false)),
+        };
+        match status {
+            Ok((Some(record), _)) => Reply::Status {
                 task_id: raw_task_id,
                 state: StatusState::from(record.state),
                 result: record.result,
                 error: record.error,
             },
-            Ok(None) => Reply::Status {
+            Ok((None, expired)) => Reply::Status {
                 task_id: raw_task_id,
-                state: StatusState::Unknown,
+                state: match expired {
+                    true => StatusState::Expired,
+                    false => StatusState::Unknown,
+                },
                 result: None,
                 error: None,
             },

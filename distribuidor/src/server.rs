@@ -85,10 +85,9 @@ pub async fn run(
                     return;
                 };
                 tracing::debug!("client connected");
-                let open = metrics::gauge!(tareas_common::metrics::CONNECTIONS);
-                open.increment(1.0);
+                let _open =
+                    tareas_common::metrics::InProgress::start(tareas_common::metrics::CONNECTIONS);
                 let served = connection::serve(halves, id, peer, shared, limits, shutdown).await;
-                open.decrement(1.0);
                 if let Err(err) = served {
                     tracing::debug!(cause = %err, "client connection ended with an error");
                 }

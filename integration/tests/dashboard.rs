@@ -154,9 +154,10 @@ async fn the_dashboard_shows_tasks_live_and_replays_dead_letters() {
         .await
         .expect("click");
     let replayed = browser
-        .find(Locator::Id("replayed"))
+        .wait()
+        .for_element(Locator::Id("replayed"))
         .await
-        .expect("#replayed");
+        .expect("#replayed after the replay");
     assert!(replayed.text().await.expect("text").contains("1 task"));
     let done = tareas_integration::wait_for_status(&mut client, &unlucky, |reply| {
         matches!(

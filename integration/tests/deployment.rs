@@ -131,6 +131,8 @@ fn local_values(queue: &str, addr: &str) -> BTreeMap<&'static str, String> {
         "TAREAS_MAX_ATTEMPTS",
         "TAREAS_RETRY_BASE_MS",
         "TAREAS_RETRY_MAX_MS",
+        "TAREAS_RESULT_TTL",
+        "TAREAS_RETENTION_INTERVAL",
     ] {
         values.insert(unset, String::new());
     }

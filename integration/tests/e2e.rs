@@ -17,6 +17,7 @@ mod operator;
 mod pipeline;
 mod recovery;
 mod reliability;
+mod retention;
 mod scaling;
 mod slots;
 mod tls;

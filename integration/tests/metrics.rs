@@ -74,9 +74,6 @@ async fn every_counter_moves_by_exactly_what_happened() {
         .expect("bind");
     let worker_http = listener.local_addr().expect("addr");
     deployment.start_observed_worker(worker_config, registry, Some(listener));
-    let ready = request(worker_http, "GET", "/readyz", &[], b"").await;
-    assert!(matches!(ready.status, 200 | 503), "{ready:?}");
-
     let (before, worker_before) = (scrape(http).await, scrape(worker_http).await);
     let mut client = distribuidor.client().await;
     let mut requests = Vec::new();

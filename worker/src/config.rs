@@ -17,6 +17,13 @@ pub struct WorkerConfig {
     /// each worker on one machine its own port.
     #[arg(long, env = "WORKER_METRICS_ADDR", default_value = "0.0.0.0:9464")]
     pub metrics_addr: String,
+    /// How long finished tasks (rows and S3 objects) of this queue are
+    /// kept: `7d`, `12h`, `30s`; `0` keeps everything.
+    #[arg(long, env = "TAREAS_RESULT_TTL", default_value = "7d", value_parser = tareas_common::config::duration)]
+    pub result_ttl: std::time::Duration,
+    /// How often retention looks for tasks past `TAREAS_RESULT_TTL`.
+    #[arg(long, env = "TAREAS_RETENTION_INTERVAL", default_value = "1m", value_parser = tareas_common::config::duration)]
+    pub retention_interval: std::time::Duration,
     /// Tasks run at once by this process.
     /// Default: the number of CPU cores.
     #[arg(long, env = "WORKER_CONCURRENCY")]

@@ -38,6 +38,10 @@ pub struct Context {
     pub health_file: std::path::PathBuf,
     /// Consuming now (a RabbitMQ session is open), for `/readyz`.
     pub linked: std::sync::atomic::AtomicBool,
+    /// Finished tasks are kept this long (`ZERO`: for ever), looked for
+    /// this often.
+    pub result_ttl: Duration,
+    pub retention_interval: Duration,
     /// Tasks this worker finished, succeeded and failed, for its `workers` row.
     pub done: std::sync::atomic::AtomicU64,
     pub failed: std::sync::atomic::AtomicU64,

@@ -108,8 +108,7 @@ pub async fn process(ctx: Arc<Context>, channels: Channels, delivery: Delivery, 
             span.record("trace_id", trace_id);
         }
     }
-    let unacked = metrics::gauge!(names::UNACKED);
-    unacked.increment(1.0);
+    let _unacked = names::InProgress::start(names::UNACKED);
     async move {
         let handled = match handle(&ctx, &task, delivery.redelivered, &stop).await {
             Ok(handled) => handled,
@@ -131,7 +130,6 @@ pub async fn process(ctx: Arc<Context>, channels: Channels, delivery: Delivery, 
     }
     .instrument(span)
     .await;
-    unacked.decrement(1.0);
 }
 
 /// Tells RabbitMQ what became of the delivery (after the reply, if any).

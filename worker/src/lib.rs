@@ -12,6 +12,7 @@
 //! - [`context`]: what every delivery shares: stores, run slots, channels.
 //! - [`consumer`]: the RabbitMQ session: prefetch, reconnects, drain on shutdown.
 //! - [`delivery`]: one delivery to its ack: run slot, claim, run, retry, store, reply, dead-letter.
+//! - [`retention`]: removes this queue's finished tasks past `TAREAS_RESULT_TTL`.
 //! - [`retry`]: the retry policy: attempts, exponential backoff, jitter.
 //! - [`time_limits`]: the time limit of each task type.
 
@@ -24,6 +25,7 @@ pub mod executor;
 pub mod health;
 pub mod observe;
 pub mod registry;
+pub mod retention;
 pub mod retry;
 pub mod time_limits;
 
@@ -81,6 +83,8 @@ impl Worker {
             },
             drain_limit: Duration::from_secs(config.shutdown_timeout_secs),
             health_file: config.health_file.clone(),
+            result_ttl: config.result_ttl,
+            retention_interval: config.retention_interval,
             linked: Default::default(),
             done: Default::default(),
             failed: Default::default(),
@@ -115,6 +119,7 @@ impl Worker {
             tokio::spawn(observe::serve(listener, ctx.clone(), shutdown.clone()));
         }
         tokio::spawn(observe::report(ctx.clone(), shutdown.clone()));
+        tokio::spawn(retention::run(ctx.clone(), shutdown.clone()));
         if retry_until_ok(&POSTGRES, &shutdown, || ctx.db.migrate())
             .await
             .is_none()

@@ -60,7 +60,8 @@ async fn readyz(
     (status, axum::Json(body))
 }
 
-/// Renews the worker's `workers` row until `shutdown`.
+/// Renews the worker's `workers` row (and keeps the histograms drained)
+/// until `shutdown`.
 pub async fn report(ctx: Arc<Context>, shutdown: CancellationToken) {
     let started = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -76,6 +77,7 @@ pub async fn report(ctx: Arc<Context>, shutdown: CancellationToken) {
             () = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
+        names::upkeep();
         let row = WorkerRow {
             worker_id: ctx.worker_id.clone(),
             host: host.clone(),

@@ -68,7 +68,8 @@ impl Db {
                    AND ($2::text IS NULL OR state = $2)
                    AND ($3::text IS NULL OR task_type = $3)
                    AND ($4::text IS NULL OR (created_at, task_id) < ($4::timestamptz, $5::text))
-                   AND ($7::text IS NULL OR task_id = $7 OR task_id LIKE '%/' || $7)
+                   AND ($7::text IS NULL OR task_id = $7
+                        OR (strpos(task_id, '/') > 0 AND substr(task_id, strpos(task_id, '/') + 1) = $7))
                    AND ($8::text IS NULL OR queue = $8)
                  ORDER BY created_at DESC, task_id DESC
                  LIMIT $6",

@@ -12,6 +12,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (3, include_str!("../../migrations/0003_outbox.sql")),
     (4, include_str!("../../migrations/0004_http_api.sql")),
     (5, include_str!("../../migrations/0005_workers.sql")),
+    (6, include_str!("../../migrations/0006_retention.sql")),
 ];
 
 /// Key of the advisory lock held while migrating.

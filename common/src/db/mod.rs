@@ -9,6 +9,7 @@
 //! - `api`: the HTTP API's listing, and finished-task notifications.
 //! - `workers`: the workers' own rows, for the dashboard.
 //! - `dashboard`: the overview's throughput and latency figures.
+//! - `retention`: removing finished tasks past `TAREAS_RESULT_TTL`, with tombstones.
 //! - `rows`: the typed rows they return.
 //! - `batch`: the group-commit writer behind the hot writes.
 //!
@@ -24,6 +25,7 @@ mod batch;
 mod dashboard;
 mod migrate;
 mod outbox;
+mod retention;
 mod rows;
 mod run;
 mod submit;

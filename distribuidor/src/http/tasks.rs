@@ -72,11 +72,12 @@ impl From<TaskRow> for TaskView {
     }
 }
 
-/// `404`: no such task was ever acked (for this client).
+/// `404`: no such task was ever acked (for this client), `unknown`; `410`:
+/// retention removed it (`TAREAS_RESULT_TTL`), `expired`.
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct Unknown {
     task_id: String,
-    /// Always `unknown`.
+    /// `unknown` or `expired`.
     state: &'static str,
 }
 
@@ -163,7 +164,7 @@ pub struct WaitParams {
 /// A task and its result; `?wait=` answers as soon as it is finished.
 #[utoipa::path(get, path = "/tasks/{task_id}", params(("task_id" = String, Path), WaitParams),
     responses(
-        (status = 200, body = TaskView), (status = 404, body = Unknown),
+        (status = 200, body = TaskView), (status = 404, body = Unknown), (status = 410, body = Unknown),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 503, body = ErrorBody),
     ))]
 pub async fn get(
@@ -179,13 +180,22 @@ pub async fn get(
     let wait = Duration::from_secs(params.wait.unwrap_or(0).min(MAX_WAIT_SECS));
     match wait_for(&app, &key, wait).await {
         Ok(Some(row)) => Json(TaskView::from(row)).into_response(),
-        Ok(None) => {
-            let body = Unknown {
-                task_id,
-                state: "unknown",
-            };
-            (StatusCode::NOT_FOUND, Json(body)).into_response()
-        }
+        Ok(None) => match app.shared.db.is_expired(key.as_str()).await {
+            Ok(true) => {
+                let body = Unknown {
+                    task_id,
+                    state: "expired",
+                };
+                (StatusCode::GONE, Json(body)).into_response()
+            }
+            _ => {
+                let body = Unknown {
+                    task_id,
+                    state: "unknown",
+                };
+                (StatusCode::NOT_FOUND, Json(body)).into_response()
+            }
+        },
         Err(response) => response,
     }
 }

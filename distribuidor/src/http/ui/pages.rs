@@ -181,6 +181,7 @@ fn task_table(rows: &[TaskRow]) -> String {
     html
 }
 
+/// The Tasks page's filters and position.
 #[derive(Deserialize)]
 pub struct TaskFilter {
     state: Option<String>,
@@ -315,6 +316,7 @@ pub async fn task(_: Operator, State(app): State<App>, Path(key): Path<String>) 
     page(&format!("Task {}", key.as_str()), &body).into_response()
 }
 
+/// How many tasks the last Replay made runnable again.
 #[derive(Deserialize)]
 pub struct Replayed {
     replayed: Option<usize>,
@@ -334,7 +336,10 @@ pub async fn dead_letters(
         .iter()
         .filter_map(|l| l.task_id.as_deref())
         .collect();
-    let errors = app.shared.db.records(&keys).await.unwrap_or_default();
+    let errors = match app.shared.db.records(&keys).await {
+        Ok(errors) => errors,
+        Err(err) => return unavailable("PostgreSQL is unavailable", err),
+    };
     let mut body = String::new();
     if let Some(n) = done.replayed {
         let _ = write!(
@@ -362,6 +367,22 @@ pub async fn dead_letters(
     page("Dead letters", &body).into_response()
 }
 
+/// A form posted from this site, not another: a browser names the page's
+/// origin (`Origin`, or `Sec-Fetch-Site`) and it must be this host.
+fn same_origin(headers: &axum::http::HeaderMap) -> bool {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(site) = header("sec-fetch-site") {
+        return matches!(site, "same-origin" | "none");
+    }
+    match (header("origin"), header("host")) {
+        (Some(origin), Some(host)) => origin.split_once("://").map(|(_, rest)| rest) == Some(host),
+        // Not a browser (curl, scripts): they carry the operator's token.
+        (None, _) => true,
+        (Some(_), None) => false,
+    }
+}
+
+/// The Replay form: one task (`task`, its key) or all (`all`).
 #[derive(Deserialize)]
 pub struct ReplayForm {
     task: Option<String>,
@@ -369,7 +390,16 @@ pub struct ReplayForm {
 }
 
 /// Replays one dead letter (`task`) or all, as `cliente dlq replay` does.
-pub async fn replay(_: Operator, State(app): State<App>, Form(form): Form<ReplayForm>) -> Response {
+pub async fn replay(
+    _: Operator,
+    State(app): State<App>,
+    headers: axum::http::HeaderMap,
+    Form(form): Form<ReplayForm>,
+) -> Response {
+    if !same_origin(&headers) {
+        let body = "Replay only from the dashboard's own page.";
+        return (StatusCode::FORBIDDEN, page("Replay", body)).into_response();
+    }
     let selection = match (form.all, form.task.as_deref().map(TaskKey::parse)) {
         (Some(_), _) => Selection::All,
         (None, Some(Ok(key))) => Selection::One(key),
