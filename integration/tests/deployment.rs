@@ -58,6 +58,8 @@ fn compose_environment(service: &str) -> BTreeSet<String> {
     for line in service_block.lines() {
         if line == "    environment:" {
             in_environment = true;
+        } else if in_environment && line.trim_start().starts_with('#') {
+            continue;
         } else if in_environment && line.starts_with("      ") {
             if let Some((key, _)) = line.trim().split_once(':') {
                 if key == "<<" {
