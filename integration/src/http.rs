@@ -11,6 +11,8 @@ pub struct Response {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub json: Value,
+    /// The body as text (for bodies that are not JSON, like `/metrics`).
+    pub body: String,
 }
 
 impl Response {
@@ -72,6 +74,7 @@ fn parse(raw: &[u8]) -> Response {
         status,
         headers,
         json,
+        body,
     }
 }
 

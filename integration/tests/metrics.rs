@@ -13,18 +13,11 @@ use tareas_worker::{Registry, TaskError};
 
 /// Every sample of a scrape: `name{label="value",…}` (labels sorted) → value.
 async fn scrape(addr: std::net::SocketAddr) -> BTreeMap<String, f64> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let head = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    tokio::io::AsyncWriteExt::write_all(&mut stream, head.as_bytes())
-        .await
-        .expect("write");
-    let mut raw = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut raw)
-        .await
-        .expect("read");
-    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
-    let (_, body) = raw.split_once("\r\n\r\n").expect("a body");
-    body.lines()
+    let scraped = request(addr, "GET", "/metrics", &[], b"").await;
+    assert_eq!(scraped.status, 200, "{scraped:?}");
+    scraped
+        .body
+        .lines()
         .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
         .filter_map(|line| {
             let (series, value) = line.rsplit_once(' ')?;
