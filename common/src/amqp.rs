@@ -143,11 +143,44 @@ impl Envelope {
     }
 }
 
+/// How long connecting to one node may take before the next is tried.
+pub const NODE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Connects to RabbitMQ as `name`, the connection name its management UI
 /// shows (`distribuidor-<instance>`, the worker id, `cliente-dlq`).
-pub async fn connect(url: &str, name: &str) -> Result<Connection, lapin::Error> {
-    let properties = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(url, properties).await
+///
+/// `urls` is `AMQP_URL`: one URL, or a cluster's nodes separated by commas
+/// ([`crate::config::url_list`]). The nodes are tried in order and the first
+/// that answers within [`NODE_CONNECT_TIMEOUT`] is used, so a caller that
+/// lost its node reconnects to another by calling this again. When none
+/// answers, the last node's error is returned.
+pub async fn connect(urls: &str, name: &str) -> Result<Connection, lapin::Error> {
+    let mut failed = None;
+    for url in crate::config::url_list(urls) {
+        let node = crate::config::redacted(url);
+        let properties = ConnectionProperties::default().with_connection_name(name.into());
+        let connected =
+            tokio::time::timeout(NODE_CONNECT_TIMEOUT, Connection::connect(url, properties)).await;
+        let err = match connected {
+            Ok(Ok(connection)) => {
+                tracing::info!(%node, connection = name, "connected to a RabbitMQ node");
+                return Ok(connection);
+            }
+            Ok(Err(err)) => err,
+            Err(_) => lapin::Error::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {NODE_CONNECT_TIMEOUT:?}"),
+            )),
+        };
+        tracing::debug!(%node, cause = %err, "a RabbitMQ node did not answer; trying the next");
+        failed = Some(err);
+    }
+    Err(failed.unwrap_or_else(|| {
+        lapin::Error::from(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "AMQP_URL names no RabbitMQ node",
+        ))
+    }))
 }
 
 /// A new channel on `connection` in confirm mode, for [`publish_persistent`].

@@ -141,7 +141,9 @@ fn without_empty_env(command: Command) -> Command {
 /// Where RabbitMQ is and which queue carries the tasks.
 #[derive(Debug, Clone, Args)]
 pub struct BrokerArgs {
-    /// RabbitMQ URL.
+    /// RabbitMQ URL, or the URLs of a cluster's nodes separated by commas:
+    /// they are tried in order, and a lost connection is made again to the
+    /// first that answers.
     #[arg(
         long,
         env = "AMQP_URL",
@@ -157,6 +159,13 @@ pub struct BrokerArgs {
     /// deployment must use the same value.
     #[arg(long, env = "TAREAS_QUEUE_MAX_LENGTH", default_value_t = 1_000_000)]
     pub queue_max_length: u64,
+    /// Replicas of each quorum queue (the work queue, its retry queues and
+    /// its dead-letter queue), set when a queue is created
+    /// (`x-quorum-initial-group-size`); RabbitMQ uses all nodes when the
+    /// cluster has fewer. A single node keeps one.
+    #[arg(long, env = "TAREAS_QUORUM_SIZE", default_value_t = 3,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub quorum_size: u16,
 }
 
 /// Where PostgreSQL is.
@@ -219,7 +228,42 @@ pub enum LogFormat {
 /// `url` with its password replaced by `***`, for logs and error messages:
 /// `amqp://tareas:secret@rabbitmq:5672/%2f` → `amqp://tareas:***@rabbitmq:5672/%2f`.
 /// A URL without a password comes back unchanged.
-pub fn redacted(url: &str) -> String {
+/// `urls` is one URL or several separated by commas (`AMQP_URL` naming a
+/// cluster's nodes); each has its password masked.
+pub fn redacted(urls: &str) -> String {
+    url_list(urls)
+        .into_iter()
+        .map(redacted_one)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The URLs of a comma-separated list, in order. A comma that does not
+/// start a new `scheme://` belongs to the URL before it (a password may
+/// hold one), so no part of a URL is ever taken for a URL of its own.
+pub fn url_list(urls: &str) -> Vec<&str> {
+    let urls = urls.trim().trim_end_matches(',');
+    let mut list: Vec<&str> = Vec::new();
+    let mut start = 0;
+    for (comma, _) in urls.match_indices(',') {
+        let next = urls[comma + 1..].trim_start();
+        let scheme_follows = next.split_once("://").is_some_and(|(scheme, _)| {
+            !scheme.is_empty()
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+        });
+        if scheme_follows {
+            list.push(urls[start..comma].trim());
+            start = comma + 1;
+        }
+    }
+    list.push(urls[start..].trim());
+    list.retain(|url| !url.is_empty());
+    list
+}
+
+fn redacted_one(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
@@ -289,5 +333,20 @@ mod tests {
             redacted("amqp://u:pa/ss@host:5672/%2f"),
             "amqp://u:***@host:5672/%2f"
         );
+        assert_eq!(
+            redacted("amqp://u:a,b@n1:5672/v, amqp://u:c@n2:5672/v"),
+            "amqp://u:***@n1:5672/v,amqp://u:***@n2:5672/v"
+        );
+    }
+
+    #[test]
+    fn a_url_list_splits_only_where_a_new_url_starts() {
+        use super::url_list;
+        assert_eq!(url_list("amqp://a/%2f"), ["amqp://a/%2f"]);
+        assert_eq!(
+            url_list("amqp://u:p@a:5672/v,amqps://u:p@b:5671/v , amqp://c/v,"),
+            ["amqp://u:p@a:5672/v", "amqps://u:p@b:5671/v", "amqp://c/v"]
+        );
+        assert_eq!(url_list("amqp://u:a,b@n1/v"), ["amqp://u:a,b@n1/v"]);
     }
 }

@@ -2,6 +2,11 @@
 //! the same topology with the same arguments (declaring is idempotent), so
 //! whichever starts first creates it.
 //!
+//! Every quorum queue is created with `TAREAS_QUORUM_SIZE` replicas
+//! (`x-quorum-initial-group-size`, default 3; a smaller cluster gets all
+//! its nodes), so it survives the loss of a minority of them. A queue that
+//! already exists with other arguments keeps them (and a warning says so).
+//!
 //! - `<queue>` (default `tareas`): a durable quorum queue with a delivery
 //!   limit; messages that exceed it, or that a worker rejects, are
 //!   dead-lettered. It holds at most `TAREAS_QUEUE_MAX_LENGTH` messages
@@ -13,10 +18,13 @@
 //!   per retry delay. Nobody consumes them: a message waits there for its
 //!   TTL, then is dead-lettered back to `<queue>` through the default
 //!   exchange. This is how retries wait in the broker, not in worker memory.
-//! - `<queue>.reply.<instance>`: one per distribuidor process, durable, the
-//!   `reply_to` of the tasks it accepted. Its name stays the same across
-//!   reconnects and RabbitMQ restarts, so results of tasks queued before
-//!   still find it; RabbitMQ deletes it once unused for 10 minutes.
+//! - `<queue>.reply.<instance>`: one per distribuidor process, the
+//!   `reply_to` of the tasks it accepted: an exclusive queue of its
+//!   connection, on the node it is connected to. RabbitMQ deletes it with
+//!   the connection (or with its node); the distribuidor declares it again,
+//!   with the same name, on whichever node it reconnects to, so results of
+//!   tasks queued before still find it. Results sent while it was gone are
+//!   found in PostgreSQL (the distribuidor's recovery sweep).
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -26,9 +34,6 @@ use lapin::{Channel, Connection, ExchangeKind};
 /// (worker crash, nack with requeue) before dead-lettering it.
 pub const DELIVERY_LIMIT: i64 = 20;
 
-/// A reply queue unused this long (its distribuidor is gone) is deleted.
-pub const REPLY_QUEUE_EXPIRES_MS: i64 = 10 * 60 * 1000;
-
 /// The names of one Tareas deployment's queues.
 #[derive(Debug, Clone)]
 pub struct Topology {
@@ -36,7 +41,12 @@ pub struct Topology {
     pub queue: String,
     /// Most messages the work queue holds (`x-max-length`), if bounded.
     pub max_length: Option<u64>,
+    /// Replicas of each quorum queue (`x-quorum-initial-group-size`).
+    pub quorum_size: u16,
 }
+
+/// Replicas of a quorum queue unless configured otherwise.
+pub const DEFAULT_QUORUM_SIZE: u16 = 3;
 
 impl Topology {
     /// The topology of work queue `queue`, unbounded.
@@ -44,16 +54,19 @@ impl Topology {
         Topology {
             queue: queue.into(),
             max_length: None,
+            quorum_size: DEFAULT_QUORUM_SIZE,
         }
     }
 
-    /// The topology that `broker` configures (queue name and maximum length).
+    /// The topology that `broker` configures (queue name, maximum length,
+    /// replicas).
     /// Every process of a deployment must agree on it: RabbitMQ refuses to
     /// declare a queue again with other arguments.
     pub fn from_args(broker: &crate::config::BrokerArgs) -> Topology {
         Topology {
             queue: broker.queue.clone(),
             max_length: (broker.queue_max_length > 0).then_some(broker.queue_max_length),
+            quorum_size: broker.quorum_size,
         }
     }
 
@@ -66,11 +79,7 @@ impl Topology {
     }
 
     /// Declares the work queue, the dead-letter exchange and the dead-letter
-    /// queue, on channels of its own on `connection`.
-    ///
-    /// A work queue created before `TAREAS_QUEUE_MAX_LENGTH` existed keeps
-    /// its arguments (RabbitMQ refuses to change them): that is logged, with
-    /// the policy that bounds it, and the queue is used as it is.
+    /// queue, on channels of their own on `connection`.
     pub async fn declare(&self, connection: &Connection) -> Result<(), lapin::Error> {
         let channel = connection.create_channel().await?;
         channel
@@ -84,50 +93,29 @@ impl Topology {
                 FieldTable::default(),
             )
             .await?;
-        declare_durable(&channel, &self.dead_letter_queue(), quorum_arguments()).await?;
+        let dead_letters = self.dead_letter_queue();
+        declare_or_keep(connection, &dead_letters, self.quorum_arguments()).await?;
         channel
             .queue_bind(
-                self.dead_letter_queue().as_str().into(),
+                dead_letters.as_str().into(),
                 self.dead_letter_exchange().as_str().into(),
                 "".into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )
             .await?;
-        let declared = declare_durable(&channel, &self.queue, self.work_arguments(true)).await;
-        match declared {
-            Err(err)
-                if self.max_length.is_some() && err.to_string().contains("inequivalent arg") =>
-            {
-                tracing::warn!(
-                    queue = %self.queue,
-                    "the work queue exists with other arguments (no or another maximum length) and keeps them; bound it with a policy: \
-                     rabbitmqctl set_policy --apply-to queues tareas-max-length '^{}$' '{{\"max-length\":{},\"overflow\":\"reject-publish\"}}'",
-                    self.queue,
-                    self.max_length.unwrap_or_default()
-                );
-                // It exists (with other arguments): use it as it is.
-                let channel = connection.create_channel().await?;
-                let passive = QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                };
-                channel
-                    .queue_declare(self.queue.as_str().into(), passive, FieldTable::default())
-                    .await?;
-                let _ = channel.close(200, "declared".into()).await;
-            }
-            declared => {
-                declared?;
-                let _ = channel.close(200, "declared".into()).await;
-            }
-        }
-        Ok(())
+        let _ = channel.close(200, "declared".into()).await;
+        declare_or_keep(connection, &self.queue, self.work_arguments()).await
     }
 
-    /// The work queue's arguments, with its maximum length when `bounded`.
-    fn work_arguments(&self, bounded: bool) -> FieldTable {
-        let mut arguments = quorum_arguments();
+    /// The arguments of a quorum queue of this deployment.
+    fn quorum_arguments(&self) -> FieldTable {
+        quorum_arguments(self.quorum_size)
+    }
+
+    /// The work queue's arguments.
+    fn work_arguments(&self) -> FieldTable {
+        let mut arguments = self.quorum_arguments();
         arguments.insert(
             "x-delivery-limit".into(),
             AMQPValue::LongLongInt(DELIVERY_LIMIT),
@@ -136,7 +124,7 @@ impl Topology {
             "x-dead-letter-exchange".into(),
             AMQPValue::LongString(LongString::from(self.dead_letter_exchange().as_str())),
         );
-        if let (true, Some(max)) = (bounded, self.max_length) {
+        if let Some(max) = self.max_length {
             arguments.insert(
                 "x-max-length".into(),
                 AMQPValue::LongLongInt(i64::try_from(max).unwrap_or(i64::MAX)),
@@ -156,14 +144,16 @@ impl Topology {
         format!("{}.retry.{delay_ms}", self.queue)
     }
 
-    /// Declares the retry queue for `delay_ms`; returns its name.
+    /// Declares the retry queue for `delay_ms` (an existing one keeps its
+    /// arguments);
+    /// returns its name.
     pub async fn declare_retry_queue(
         &self,
-        channel: &Channel,
+        connection: &Connection,
         delay_ms: u64,
     ) -> Result<String, lapin::Error> {
         let name = self.retry_queue(delay_ms);
-        let mut arguments = quorum_arguments();
+        let mut arguments = self.quorum_arguments();
         arguments.insert(
             "x-message-ttl".into(),
             AMQPValue::LongLongInt(i64::try_from(delay_ms).unwrap_or(i64::MAX)),
@@ -184,7 +174,7 @@ impl Topology {
             "x-overflow".into(),
             AMQPValue::LongString(LongString::from("reject-publish")),
         );
-        declare_durable(channel, &name, arguments).await?;
+        declare_or_keep(connection, &name, arguments).await?;
         Ok(name)
     }
 }
@@ -195,21 +185,63 @@ impl Topology {
         format!("{}.reply.{instance}", self.queue)
     }
 
-    /// Declares the reply queue of `instance`; returns its name.
+    /// Declares the reply queue of `instance`, exclusive to the connection
+    /// of `channel`; returns its name. While RabbitMQ still holds the queue
+    /// of an earlier connection it does not know is gone, this fails
+    /// (`RESOURCE_LOCKED`) and is to be retried.
     pub async fn declare_reply_queue(
         &self,
         channel: &Channel,
         instance: &str,
     ) -> Result<String, lapin::Error> {
         let name = self.reply_queue(instance);
-        let mut arguments = FieldTable::default();
-        arguments.insert(
-            "x-expires".into(),
-            AMQPValue::LongLongInt(REPLY_QUEUE_EXPIRES_MS),
-        );
-        declare_durable(channel, &name, arguments).await?;
+        let exclusive = QueueDeclareOptions {
+            exclusive: true,
+            ..QueueDeclareOptions::default()
+        };
+        channel
+            .queue_declare(name.as_str().into(), exclusive, FieldTable::default())
+            .await?;
         Ok(name)
     }
+}
+
+/// Declares durable queue `name` with `arguments` on a channel of its own
+/// on `connection`. RabbitMQ cannot change the arguments of a queue that
+/// exists: one created by an older version, or before a setting such as
+/// `TAREAS_QUEUE_MAX_LENGTH` or `TAREAS_QUORUM_SIZE` changed, keeps its
+/// own. That is logged once per declare, and the queue is used as it is
+/// (docs/operations.md says how to change it).
+async fn declare_or_keep(
+    connection: &Connection,
+    name: &str,
+    arguments: FieldTable,
+) -> Result<(), lapin::Error> {
+    let channel = connection.create_channel().await?;
+    match declare_durable(&channel, name, arguments).await {
+        Err(err) if err.to_string().contains("inequivalent arg") => {
+            tracing::warn!(
+                queue = name,
+                cause = %err,
+                "the queue exists with other arguments and keeps them; see \"Changing a queue's arguments\" in docs/operations.md"
+            );
+            // That error closed the channel: check it exists on another.
+            let channel = connection.create_channel().await?;
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            };
+            channel
+                .queue_declare(name.into(), passive, FieldTable::default())
+                .await?;
+            let _ = channel.close(200, "declared".into()).await;
+        }
+        declared => {
+            declared?;
+            let _ = channel.close(200, "declared".into()).await;
+        }
+    }
+    Ok(())
 }
 
 async fn declare_durable(
@@ -227,12 +259,17 @@ async fn declare_durable(
     Ok(())
 }
 
-/// The arguments of a durable quorum queue (replicated, at-least-once).
-pub fn quorum_arguments() -> FieldTable {
+/// The arguments of a durable quorum queue (replicated, at-least-once)
+/// with `replicas` members, or all the cluster's nodes if it has fewer.
+pub fn quorum_arguments(replicas: u16) -> FieldTable {
     let mut arguments = FieldTable::default();
     arguments.insert(
         "x-queue-type".into(),
         AMQPValue::LongString(LongString::from("quorum")),
+    );
+    arguments.insert(
+        "x-quorum-initial-group-size".into(),
+        AMQPValue::LongInt(i32::from(replicas)),
     );
     arguments
 }

@@ -2,9 +2,15 @@
 //! supervisor task that reconnects with backoff. It carries two channels:
 //! one in confirm mode for publishing tasks, and one consuming this
 //! instance's reply queue, whose results go to the [`Router`]. The reply
-//! queue keeps its name for the life of the process, so results of tasks
-//! accepted before a reconnect still arrive; results that were published
-//! while the link was down are found in PostgreSQL by [`crate::recovery`].
+//! queue is exclusive to the connection, so it goes with it (or with its
+//! node); each reconnect declares it again with the same name, on the node
+//! it reached (`AMQP_URL` may name a cluster's nodes), so results of tasks
+//! accepted before still arrive. Results that were published while it was
+//! gone are found in PostgreSQL by [`crate::recovery`]. RabbitMQ may still
+//! hold the old queue for a connection it has not seen go (on 4.2+, a node
+//! that is down keeps its exclusive queues until it returns): then this
+//! connection's reply queue gets a name of its own, and the recovery looks
+//! up the tasks whose results went to the old name until they finished.
 //!
 //! While the link is down, [`Broker::publish`] fails at once, so the client
 //! gets `unavailable` instead of a false ack.
@@ -13,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::options::{BasicConsumeOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use tareas_common::amqp::{self, Envelope, PublishError};
@@ -82,6 +88,14 @@ impl Broker {
     /// Counts the times the link came up: `changed()` fires on each (re)connect.
     pub fn connects(&self) -> watch::Receiver<u64> {
         self.connects.clone()
+    }
+
+    /// The reply queue of the link, while it is up.
+    pub fn reply_queue(&self) -> Option<String> {
+        self.session
+            .borrow()
+            .as_ref()
+            .map(|s| s.reply_queue.clone())
     }
 
     /// Whether the link is up right now.
@@ -233,22 +247,13 @@ async fn supervise(
 }
 
 /// Closes the link at shutdown, within [`CLOSE_TIMEOUT`]: stop consuming,
-/// delete the reply queue (its clients are gone: nobody waits for what
-/// would arrive), close the channels, then the connection.
+/// close the channels, then the connection, which deletes the reply queue
+/// (its clients are gone: nobody waits for what would arrive).
 async fn close(connection: Connection, reply_channel: Channel, last: Option<Session>) {
     const REASON: &str = "distribuidor shutting down";
     let steps = async {
-        // Consuming stops first: deleting a queue that still has a consumer
-        // makes RabbitMQ cancel it while the link is closing.
         let _ = reply_channel.close(200, REASON.into()).await;
         if let Some(last) = last {
-            let _ = last
-                .channel
-                .queue_delete(
-                    last.reply_queue.as_str().into(),
-                    QueueDeleteOptions::default(),
-                )
-                .await;
             // Closed here, not on drop: a channel still closing when the
             // connection closes makes lapin log a connection error.
             let _ = last.channel.close(200, REASON.into()).await;
@@ -256,7 +261,7 @@ async fn close(connection: Connection, reply_channel: Channel, last: Option<Sess
         let _ = connection.close(200, REASON.into()).await;
     };
     if tokio::time::timeout(CLOSE_TIMEOUT, steps).await.is_err() {
-        tracing::warn!("RabbitMQ did not answer while closing; this instance's reply queue expires by itself in 10 minutes");
+        tracing::warn!("RabbitMQ did not answer while closing; it removes this instance's reply queue when it notices the connection is gone");
     }
 }
 
@@ -276,21 +281,13 @@ async fn open(link: &Link) -> Result<Opened, lapin::Error> {
     let connection = amqp::connect(&link.amqp_url, &name).await?;
     link.topology.declare(&connection).await?;
     let publish_channel = amqp::confirm_channel(&connection).await?;
-    let reply_channel = connection.create_channel().await?;
-    let reply_queue = link
-        .topology
-        .declare_reply_queue(&reply_channel, &link.instance)
-        .await?;
-    // Exclusive: a consumer of a previous connection that RabbitMQ still
-    // thinks alive would take (and, with no acks, lose) results; until it
-    // is gone, this open fails and is retried.
+    let (reply_channel, reply_queue) = declare_reply_queue(&connection, link).await?;
     let consumer = reply_channel
         .basic_consume(
             reply_queue.as_str().into(),
             "distribuidor-results".into(),
             BasicConsumeOptions {
                 no_ack: true,
-                exclusive: true,
                 ..BasicConsumeOptions::default()
             },
             FieldTable::default(),
@@ -303,6 +300,40 @@ async fn open(link: &Link) -> Result<Opened, lapin::Error> {
         consumer,
         reply_queue,
     })
+}
+
+/// Declares this instance's reply queue on a channel of its own:
+/// `<queue>.reply.<instance>`, or, while RabbitMQ still holds that one for
+/// an earlier connection (`RESOURCE_LOCKED`), `<queue>.reply.<instance>.<n>`
+/// with a new `n`.
+async fn declare_reply_queue(
+    connection: &Connection,
+    link: &Link,
+) -> Result<(Channel, String), lapin::Error> {
+    let channel = connection.create_channel().await?;
+    let held = match link
+        .topology
+        .declare_reply_queue(&channel, &link.instance)
+        .await
+    {
+        Ok(name) => return Ok((channel, name)),
+        Err(err) if err.to_string().contains("RESOURCE_LOCKED") => err,
+        Err(err) => return Err(err),
+    };
+    // That error closed the channel.
+    let channel = connection.create_channel().await?;
+    let fresh = format!(
+        "{}.{}",
+        link.instance,
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let name = link.topology.declare_reply_queue(&channel, &fresh).await?;
+    tracing::warn!(
+        reply_queue = %name,
+        cause = %held,
+        "RabbitMQ still holds this instance's reply queue for an earlier connection; results of tasks accepted before are looked up in PostgreSQL until they finish"
+    );
+    Ok((channel, name))
 }
 
 /// Hands every result on the reply queue to the router; returns when the

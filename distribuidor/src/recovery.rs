@@ -7,11 +7,18 @@
 //! consumed again, the tasks still awaited are looked up in PostgreSQL
 //! and those already finished are pushed from there. A result that arrives
 //! both ways is pushed once: the router forgets a task at its first result.
+//!
+//! When a reconnect had to give the reply queue another name (RabbitMQ
+//! still held the old one, see [`crate::broker`]), results of the tasks
+//! accepted before go on to the old name and never arrive: those tasks, the
+//! orphans, are looked up every [`ORPHAN_SWEEP`] until each has finished.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tareas_common::backoff::{retry_until_ok, POSTGRES};
 use tareas_common::db::Db;
+use tareas_common::task::TaskKey;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::Broker;
@@ -21,20 +28,40 @@ use crate::router::Router;
 /// Most task ids looked up in one query.
 const CHUNK: usize = 1000;
 
-/// Sweeps after every connect of `broker`, until `shutdown`.
+/// How often the orphans are looked up.
+pub const ORPHAN_SWEEP: Duration = Duration::from_secs(2);
+
+/// Sweeps after every connect of `broker`, and the orphans every
+/// [`ORPHAN_SWEEP`], until `shutdown`.
 pub async fn run(broker: Broker, router: Arc<Router>, db: Db, shutdown: CancellationToken) {
     let mut connects = broker.connects();
+    let mut reply_queue = None;
+    let mut orphans: Vec<TaskKey> = Vec::new();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
-            changed = connects.changed() => if changed.is_err() { return },
-        }
-        let pushed = sweep(&router, &db, &shutdown).await;
-        if pushed > 0 {
-            tracing::info!(
-                pushed,
-                "pushed results that finished while the RabbitMQ link was down"
-            );
+            changed = connects.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let now = broker.reply_queue();
+                if reply_queue.is_some() && now != reply_queue {
+                    orphans = router.waiting();
+                }
+                reply_queue = now;
+                let pushed = sweep(&router, &db, &shutdown).await;
+                if pushed > 0 {
+                    tracing::info!(
+                        pushed,
+                        "pushed results that finished while the RabbitMQ link was down"
+                    );
+                }
+            }
+            () = tokio::time::sleep(ORPHAN_SWEEP), if !orphans.is_empty() => {
+                let waiting: std::collections::HashSet<TaskKey> = router.waiting().into_iter().collect();
+                orphans.retain(|key| waiting.contains(key));
+                sweep_these(&router, &db, &orphans, &shutdown).await;
+            }
         }
     }
 }
@@ -42,7 +69,16 @@ pub async fn run(broker: Broker, router: Arc<Router>, db: Db, shutdown: Cancella
 /// Pushes the stored result of every awaited task that has finished;
 /// returns how many were pushed.
 pub async fn sweep(router: &Router, db: &Db, shutdown: &CancellationToken) -> usize {
-    let waiting = router.waiting();
+    sweep_these(router, db, &router.waiting(), shutdown).await
+}
+
+/// [`sweep`] of the tasks `waiting` only.
+async fn sweep_these(
+    router: &Router,
+    db: &Db,
+    waiting: &[TaskKey],
+    shutdown: &CancellationToken,
+) -> usize {
     let mut pushed = 0;
     for chunk in waiting.chunks(CHUNK) {
         let ids: Vec<&str> = chunk.iter().map(|id| id.as_str()).collect();

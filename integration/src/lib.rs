@@ -184,7 +184,8 @@ async fn check_services() {
     }
 }
 
-async fn delete_queues(queue: &str) {
+/// Deletes the queues of work queue `queue` on the default node.
+pub async fn delete_queues(queue: &str) {
     let Ok(connection) = connect_rabbitmq().await else {
         return;
     };

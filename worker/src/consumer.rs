@@ -88,8 +88,8 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     }
 }
 
-async fn open(ctx: &Context) -> Result<(Connection, Channels, lapin::Consumer), lapin::Error> {
-    let connection = amqp::connect(&ctx.amqp_url, &ctx.worker_id).await?;
+async fn open(ctx: &Context) -> Result<(Arc<Connection>, Channels, lapin::Consumer), lapin::Error> {
+    let connection = Arc::new(amqp::connect(&ctx.amqp_url, &ctx.worker_id).await?);
     ctx.topology.declare(&connection).await?;
     let consume = connection.create_channel().await?;
     let prefetch = u16::try_from(ctx.prefetch).unwrap_or(u16::MAX);
@@ -105,7 +105,8 @@ async fn open(ctx: &Context) -> Result<(Connection, Channels, lapin::Consumer), 
             FieldTable::default(),
         )
         .await?;
-    Ok((connection, Channels { consume, publish }, consumer))
+    let channels = Channels::new(connection.clone(), consume, publish);
+    Ok((connection, channels, consumer))
 }
 
 async fn consume(

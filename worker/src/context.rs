@@ -3,9 +3,11 @@
 //! own module, so that the consumer and the delivery both depend on it and
 //! not on each other.
 
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
-use lapin::Channel;
+use lapin::{Channel, Connection};
 use tareas_common::db::Db;
 use tareas_common::s3::S3Store;
 use tareas_common::topology::Topology;
@@ -71,4 +73,50 @@ pub struct Channels {
     /// Confirm mode: retry copies are published here and confirmed before
     /// the original is acked. Results to distribuidores go here too.
     pub publish: Channel,
+    /// The connection, for declares that must not risk `publish` (a
+    /// refused declare closes its channel).
+    pub connection: Arc<Connection>,
+    /// Retry delays whose queue this connection has declared.
+    pub retry_queues: Arc<std::sync::Mutex<HashSet<u64>>>,
+}
+
+impl Channels {
+    /// The channels of `connection`.
+    pub fn new(connection: Arc<Connection>, consume: Channel, publish: Channel) -> Channels {
+        Channels {
+            consume,
+            publish,
+            connection,
+            retry_queues: Arc::default(),
+        }
+    }
+
+    /// The name of the retry queue for `delay_ms` of `topology`, declared
+    /// on this connection the first time ([`Topology::declare_retry_queue`]).
+    pub async fn retry_queue(
+        &self,
+        topology: &Topology,
+        delay_ms: u64,
+    ) -> Result<String, lapin::Error> {
+        if self.retry_queue_set().contains(&delay_ms) {
+            return Ok(topology.retry_queue(delay_ms));
+        }
+        let name = topology
+            .declare_retry_queue(&self.connection, delay_ms)
+            .await?;
+        self.retry_queue_set().insert(delay_ms);
+        Ok(name)
+    }
+
+    /// Declares the retry queue for `delay_ms` again on its next use (a
+    /// publish to it failed: it may have been deleted).
+    pub fn forget_retry_queue(&self, delay_ms: u64) {
+        self.retry_queue_set().remove(&delay_ms);
+    }
+
+    fn retry_queue_set(&self) -> std::sync::MutexGuard<'_, HashSet<u64>> {
+        self.retry_queues
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }

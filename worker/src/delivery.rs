@@ -159,7 +159,7 @@ async fn settle(
             }
         }
         Handled::Retry { delay_ms } => {
-            match publish_retry(ctx, &channels.publish, task, delivery, delay_ms).await {
+            match publish_retry(ctx, channels, task, delivery, delay_ms).await {
                 Ok(()) => delivery.ack(BasicAckOptions::default()).await,
                 Err(err) => {
                     tracing::warn!(cause = %err, "cannot schedule the retry; handing the task back");
@@ -434,14 +434,19 @@ fn gave_up(attempts: u32) -> Outcome {
 /// the one rule ([`amqp::publish_persistent`]).
 async fn publish_retry(
     ctx: &Context,
-    channel: &Channel,
+    channels: &Channels,
     task: &TaskMessage,
     delivery: &Delivery,
     delay_ms: u64,
 ) -> Result<(), PublishError> {
-    let queue = ctx.topology.declare_retry_queue(channel, delay_ms).await?;
+    let queue = channels.retry_queue(&ctx.topology, delay_ms).await?;
     let envelope = Envelope::forwarded(task.task_id.as_str(), &delivery.properties);
-    amqp::publish_persistent(channel, &queue, &delivery.data, envelope).await
+    let published =
+        amqp::publish_persistent(&channels.publish, &queue, &delivery.data, envelope).await;
+    if published.is_err() {
+        channels.forget_retry_queue(delay_ms);
+    }
+    published
 }
 
 /// Releases the claim and returns the message to the queue.

@@ -24,6 +24,7 @@ use lapin::Connection;
 use serde::Serialize;
 use serde_json::json;
 use tareas_common::amqp::{self, Envelope, PublishError};
+use tareas_common::config::BrokerArgs;
 use tareas_common::s3::S3Store;
 use tareas_common::task::{TaskId, TaskMessage};
 use tokio_postgres::NoTls;
@@ -66,7 +67,7 @@ pub async fn measure(args: &BenchArgs, count: usize) -> anyhow::Result<Baseline>
         notify: true,
     };
     let body = serde_json::to_vec(&message)?;
-    let rabbitmq_per_sec = rabbitmq(&args.broker.amqp_url, &body, count)
+    let rabbitmq_per_sec = rabbitmq(&args.broker, &body, count)
         .await
         .context("RabbitMQ baseline")?;
     let postgres_per_sec = postgres(&args.database.database_url, &message, count)
@@ -100,7 +101,7 @@ pub async fn rabbitmq_confirm_latency(
         notify: true,
     };
     let body = Arc::new(serde_json::to_vec(&message)?);
-    let scratch = ScratchQueue::open(&args.broker.amqp_url, count).await?;
+    let scratch = ScratchQueue::open(&args.broker, count).await?;
     let latencies = Arc::new(Mutex::new(latency::histogram()));
     let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(0.001)));
     let mut confirms = tokio::task::JoinSet::new();
@@ -135,8 +136,8 @@ pub async fn rabbitmq_confirm_latency(
     Ok(Latency::of(&latencies))
 }
 
-async fn rabbitmq(url: &str, body: &[u8], count: usize) -> anyhow::Result<f64> {
-    let scratch = ScratchQueue::open(url, count).await?;
+async fn rabbitmq(broker: &BrokerArgs, body: &[u8], count: usize) -> anyhow::Result<f64> {
+    let scratch = ScratchQueue::open(broker, count).await?;
     let started = Instant::now();
     let mut confirms = FuturesUnordered::new();
     for _ in 0..count {
@@ -176,8 +177,8 @@ struct ScratchQueue {
 
 impl ScratchQueue {
     /// Declares the queue and starts consuming `expected` messages.
-    async fn open(url: &str, expected: usize) -> anyhow::Result<ScratchQueue> {
-        let connection = amqp::connect(url, "cliente-bench-baseline").await?;
+    async fn open(broker: &BrokerArgs, expected: usize) -> anyhow::Result<ScratchQueue> {
+        let connection = amqp::connect(&broker.amqp_url, "cliente-bench-baseline").await?;
         let publisher = amqp::confirm_channel(&connection).await?;
         let queue = format!("tareas-baseline-{}", uuid::Uuid::new_v4());
         publisher
@@ -187,7 +188,7 @@ impl ScratchQueue {
                     durable: true,
                     ..QueueDeclareOptions::default()
                 },
-                tareas_common::topology::quorum_arguments(),
+                tareas_common::topology::quorum_arguments(broker.quorum_size),
             )
             .await?;
         let consumer_channel = connection.create_channel().await?;
