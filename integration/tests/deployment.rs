@@ -108,6 +108,7 @@ fn local_values(queue: &str, addr: &str) -> BTreeMap<&'static str, String> {
     for unset in [
         "TAREAS_SHUTDOWN_TIMEOUT_SECS",
         "TAREAS_QUEUE_MAX_LENGTH",
+        "TAREAS_QUORUM_SIZE",
         "TAREAS_EXTRA_TASK_TYPES",
         "TAREAS_MAX_MESSAGE_BYTES",
         "TAREAS_MAX_OUTSTANDING_PER_CLIENT",
