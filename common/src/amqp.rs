@@ -11,6 +11,8 @@
 use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::protocol::AMQPErrorKind;
+pub use lapin::protocol::AMQPSoftError;
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
@@ -146,6 +148,12 @@ impl Envelope {
 /// How long connecting to one node may take before the next is tried.
 pub const NODE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The longest [`connect`] to `urls` may take: every node's time limit.
+pub fn connect_limit(urls: &str) -> Duration {
+    let nodes = u32::try_from(crate::config::url_list(urls).len()).unwrap_or(u32::MAX);
+    NODE_CONNECT_TIMEOUT.saturating_mul(nodes.max(1))
+}
+
 /// Connects to RabbitMQ as `name`, the connection name its management UI
 /// shows (`distribuidor-<instance>`, the worker id, `cliente-dlq`).
 ///
@@ -181,6 +189,26 @@ pub async fn connect(urls: &str, name: &str) -> Result<Connection, lapin::Error>
             "AMQP_URL names no RabbitMQ node",
         ))
     }))
+}
+
+/// Whether RabbitMQ refused an operation with the channel error `code`
+/// (say, [`AMQPSoftError::RESOURCELOCKED`]); the error closed the channel.
+pub fn refused_with(err: &lapin::Error, code: AMQPSoftError) -> bool {
+    matches!(err.kind(), lapin::ErrorKind::ProtocolError(e) if *e.kind() == AMQPErrorKind::Soft(code))
+}
+
+/// The argument named by RabbitMQ's `PRECONDITION_FAILED - inequivalent arg
+/// 'x-…'` refusal of a declare, if that is what `err` is.
+pub fn inequivalent_arg(err: &lapin::Error) -> Option<String> {
+    let lapin::ErrorKind::ProtocolError(e) = err.kind() else {
+        return None;
+    };
+    if *e.kind() != AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED) {
+        return None;
+    }
+    let text = e.get_message().as_str();
+    let rest = &text[text.find("inequivalent arg '")? + "inequivalent arg '".len()..];
+    Some(rest[..rest.find('\'')?].to_owned())
 }
 
 /// A new channel on `connection` in confirm mode, for [`publish_persistent`].

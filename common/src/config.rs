@@ -138,6 +138,9 @@ fn without_empty_env(command: Command) -> Command {
         .mut_subcommands(without_empty_env)
 }
 
+/// Replicas of a quorum queue unless `TAREAS_QUORUM_SIZE` says otherwise.
+pub const DEFAULT_QUORUM_SIZE: u16 = 3;
+
 /// Where RabbitMQ is and which queue carries the tasks.
 #[derive(Debug, Clone, Args)]
 pub struct BrokerArgs {
@@ -163,7 +166,7 @@ pub struct BrokerArgs {
     /// its dead-letter queue), set when a queue is created
     /// (`x-quorum-initial-group-size`); RabbitMQ uses all nodes when the
     /// cluster has fewer. A single node keeps one.
-    #[arg(long, env = "TAREAS_QUORUM_SIZE", default_value_t = 3,
+    #[arg(long, env = "TAREAS_QUORUM_SIZE", default_value_t = DEFAULT_QUORUM_SIZE,
           value_parser = clap::value_parser!(u16).range(1..))]
     pub quorum_size: u16,
 }

@@ -5,7 +5,8 @@
 //! Every quorum queue is created with `TAREAS_QUORUM_SIZE` replicas
 //! (`x-quorum-initial-group-size`, default 3; a smaller cluster gets all
 //! its nodes), so it survives the loss of a minority of them. A queue that
-//! already exists with other arguments keeps them (and a warning says so).
+//! already exists without that argument, or with another maximum length,
+//! is used as it is.
 //!
 //! - `<queue>` (default `tareas`): a durable quorum queue with a delivery
 //!   limit; messages that exceed it, or that a worker rejects, are
@@ -45,8 +46,7 @@ pub struct Topology {
     pub quorum_size: u16,
 }
 
-/// Replicas of a quorum queue unless configured otherwise.
-pub const DEFAULT_QUORUM_SIZE: u16 = 3;
+pub use crate::config::DEFAULT_QUORUM_SIZE;
 
 impl Topology {
     /// The topology of work queue `queue`, unbounded.
@@ -208,39 +208,48 @@ impl Topology {
 
 /// Declares durable queue `name` with `arguments` on a channel of its own
 /// on `connection`. RabbitMQ cannot change the arguments of a queue that
-/// exists: one created by an older version, or before a setting such as
-/// `TAREAS_QUEUE_MAX_LENGTH` or `TAREAS_QUORUM_SIZE` changed, keeps its
-/// own. That is logged once per declare, and the queue is used as it is
-/// (docs/operations.md says how to change it).
+/// exists, and refuses a declare with others. A queue created by an older
+/// version (without `x-quorum-initial-group-size`, which only matters at
+/// creation) or before `TAREAS_QUEUE_MAX_LENGTH` changed (`x-max-length`,
+/// `x-overflow`; logged) is used as it is; any other difference (another
+/// queue type, durability, delivery limit) is an error.
 async fn declare_or_keep(
     connection: &Connection,
     name: &str,
     arguments: FieldTable,
 ) -> Result<(), lapin::Error> {
     let channel = connection.create_channel().await?;
-    match declare_durable(&channel, name, arguments).await {
-        Err(err) if err.to_string().contains("inequivalent arg") => {
-            tracing::warn!(
+    let err = match declare_durable(&channel, name, arguments).await {
+        Ok(()) => {
+            let _ = channel.close(200, "declared".into()).await;
+            return Ok(());
+        }
+        Err(err) => err,
+    };
+    match crate::amqp::inequivalent_arg(&err).as_deref() {
+        Some("x-quorum-initial-group-size") => {
+            tracing::debug!(
                 queue = name,
-                cause = %err,
-                "the queue exists with other arguments and keeps them; see \"Changing a queue's arguments\" in docs/operations.md"
+                "the queue keeps the replicas it was created with"
             );
-            // That error closed the channel: check it exists on another.
-            let channel = connection.create_channel().await?;
-            let passive = QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            };
-            channel
-                .queue_declare(name.into(), passive, FieldTable::default())
-                .await?;
-            let _ = channel.close(200, "declared".into()).await;
         }
-        declared => {
-            declared?;
-            let _ = channel.close(200, "declared".into()).await;
-        }
+        Some("x-max-length" | "x-overflow") => tracing::warn!(
+            queue = name,
+            cause = %err,
+            "the queue keeps the maximum length it was created with; see \"Changing a queue's arguments\" in docs/operations.md"
+        ),
+        _ => return Err(err),
     }
+    // The refusal closed the channel: check that it exists on another.
+    let channel = connection.create_channel().await?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(name.into(), passive, FieldTable::default())
+        .await?;
+    let _ = channel.close(200, "declared".into()).await;
     Ok(())
 }
 

@@ -15,6 +15,7 @@
 //! While the link is down, [`Broker::publish`] fails at once, so the client
 //! gets `unavailable` instead of a false ack.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +23,7 @@ use futures::StreamExt;
 use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
-use tareas_common::amqp::{self, Envelope, PublishError};
+use tareas_common::amqp::{self, AMQPSoftError, Envelope, PublishError};
 use tareas_common::backoff::RABBITMQ;
 use tareas_common::task::{TaskMessage, TaskReport};
 use tareas_common::topology::Topology;
@@ -53,6 +54,9 @@ pub struct Broker {
     session: watch::Receiver<Option<Session>>,
     /// How many times the link has come up.
     connects: watch::Receiver<u64>,
+    /// How many times a connect gave the reply queue another name than the
+    /// connect before; counted before that connect is.
+    renames: Arc<AtomicU64>,
     /// Queue names.
     topology: Arc<Topology>,
 }
@@ -71,15 +75,18 @@ impl Broker {
         let (tx, rx) = watch::channel(None);
         let (connects_tx, connects) = watch::channel(0);
         let topology = Arc::new(topology);
+        let renames = Arc::new(AtomicU64::new(0));
         let link = Link {
             amqp_url,
             topology: topology.clone(),
             instance,
+            renames: renames.clone(),
         };
         let supervisor = tokio::spawn(supervise(link, router, tx, connects_tx, shutdown));
         let broker = Broker {
             session: rx,
             connects,
+            renames,
             topology,
         };
         (broker, supervisor)
@@ -88,6 +95,11 @@ impl Broker {
     /// Counts the times the link came up: `changed()` fires on each (re)connect.
     pub fn connects(&self) -> watch::Receiver<u64> {
         self.connects.clone()
+    }
+
+    /// How many times the reply queue changed its name on a reconnect.
+    pub fn renames(&self) -> u64 {
+        self.renames.load(Ordering::SeqCst)
     }
 
     /// The reply queue of the link, while it is up.
@@ -190,10 +202,14 @@ impl Broker {
 
 /// Where and who to connect as.
 struct Link {
+    /// `AMQP_URL`: one node or a cluster's nodes.
     amqp_url: String,
+    /// The queues to declare.
     topology: Arc<Topology>,
     /// This process's id, part of its reply queue's name.
     instance: String,
+    /// See [`Broker::renames`].
+    renames: Arc<AtomicU64>,
 }
 
 /// Keeps the link up until shutdown.
@@ -205,27 +221,23 @@ async fn supervise(
     shutdown: CancellationToken,
 ) {
     let topology = &link.topology;
+    let mut previous: Option<String> = None;
     loop {
-        // A restart of RabbitMQ in the middle of opening can leave a reply
-        // pending forever: opening has a time limit, and is retried.
-        let connected = tareas_common::backoff::retry_until_ok(&RABBITMQ, &shutdown, || async {
-            match tokio::time::timeout(OPEN_TIMEOUT, open(&link)).await {
-                Ok(opened) => opened.map_err(|err| err.to_string()),
-                Err(_) => Err(format!("opening the connection took over {OPEN_TIMEOUT:?}")),
-            }
-        })
-        .await;
         let Some(Opened {
             connection,
             publish_channel,
             reply_channel,
             consumer,
             reply_queue,
-        }) = connected
+        }) = open_with_backoff(&link, &shutdown).await
         else {
             return;
         };
         tracing::info!(queue = %topology.queue, reply_queue = %reply_queue, "connected to RabbitMQ");
+        if previous.as_ref().is_some_and(|name| *name != reply_queue) {
+            link.renames.fetch_add(1, Ordering::SeqCst);
+        }
+        previous = Some(reply_queue.clone());
         session.send_replace(Some(Session {
             channel: publish_channel,
             reply_queue,
@@ -243,7 +255,25 @@ async fn supervise(
         tracing::error!(
             "lost the RabbitMQ connection; new tasks get `unavailable` until it is back"
         );
+        // Closed before reopening (if it still answers), so that RabbitMQ
+        // lets go of its exclusive reply queue, whose name comes next.
+        let _ =
+            tokio::time::timeout(CLOSE_TIMEOUT, connection.close(200, "reconnecting".into())).await;
     }
+}
+
+/// Opens the link, retrying with backoff; `None` once `shutdown` came.
+/// A restart of RabbitMQ in the middle of opening can leave a reply pending
+/// forever: opening has a time limit (each node of `AMQP_URL` its own).
+async fn open_with_backoff(link: &Link, shutdown: &CancellationToken) -> Option<Opened> {
+    let limit = OPEN_TIMEOUT + amqp::connect_limit(&link.amqp_url);
+    tareas_common::backoff::retry_until_ok(&RABBITMQ, shutdown, || async {
+        match tokio::time::timeout(limit, open(link)).await {
+            Ok(opened) => opened.map_err(|err| err.to_string()),
+            Err(_) => Err(format!("opening the connection took over {limit:?}")),
+        }
+    })
+    .await
 }
 
 /// Closes the link at shutdown, within [`CLOSE_TIMEOUT`]: stop consuming,
@@ -267,12 +297,15 @@ async fn close(connection: Connection, reply_channel: Channel, last: Option<Sess
 
 /// An open link.
 struct Opened {
+    /// The connection to the node that answered.
     connection: Connection,
     /// In confirm mode.
     publish_channel: Channel,
     /// Consumes `reply_queue`.
     reply_channel: Channel,
+    /// The results arriving on `reply_queue`.
     consumer: lapin::Consumer,
+    /// This connection's reply queue (see [`declare_reply_queue`]).
     reply_queue: String,
 }
 
@@ -304,29 +337,32 @@ async fn open(link: &Link) -> Result<Opened, lapin::Error> {
 
 /// Declares this instance's reply queue on a channel of its own:
 /// `<queue>.reply.<instance>`, or, while RabbitMQ still holds that one for
-/// an earlier connection (`RESOURCE_LOCKED`), `<queue>.reply.<instance>.<n>`
-/// with a new `n`.
+/// an earlier connection (`RESOURCE_LOCKED` for [`BASE_NAME_TRIES`] tries,
+/// [`BASE_NAME_PAUSE`] apart), `<queue>.reply.<instance>.<n>` with a new `n`.
 async fn declare_reply_queue(
     connection: &Connection,
     link: &Link,
 ) -> Result<(Channel, String), lapin::Error> {
-    let channel = connection.create_channel().await?;
-    let held = match link
-        .topology
-        .declare_reply_queue(&channel, &link.instance)
-        .await
-    {
-        Ok(name) => return Ok((channel, name)),
-        Err(err) if err.to_string().contains("RESOURCE_LOCKED") => err,
-        Err(err) => return Err(err),
+    let mut tries = 0;
+    let held = loop {
+        let channel = connection.create_channel().await?;
+        let declared = link.topology.declare_reply_queue(&channel, &link.instance);
+        match declared.await {
+            Ok(name) => return Ok((channel, name)),
+            Err(err) if amqp::refused_with(&err, AMQPSoftError::RESOURCELOCKED) => {
+                tries += 1;
+                if tries == BASE_NAME_TRIES {
+                    break err;
+                }
+                // RabbitMQ deletes the queue of a closed connection soon.
+                tokio::time::sleep(BASE_NAME_PAUSE).await;
+            }
+            Err(err) => return Err(err),
+        }
     };
-    // That error closed the channel.
     let channel = connection.create_channel().await?;
-    let fresh = format!(
-        "{}.{}",
-        link.instance,
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    let fresh = format!("{}.{}", link.instance, &suffix[..8]);
     let name = link.topology.declare_reply_queue(&channel, &fresh).await?;
     tracing::warn!(
         reply_queue = %name,
@@ -335,6 +371,11 @@ async fn declare_reply_queue(
     );
     Ok((channel, name))
 }
+
+/// How many times the reply queue's own name is tried before another.
+const BASE_NAME_TRIES: u32 = 3;
+/// The pause between those tries.
+const BASE_NAME_PAUSE: Duration = Duration::from_millis(200);
 
 /// Hands every result on the reply queue to the router; returns when the
 /// consumer ends (the connection was lost).

@@ -35,7 +35,7 @@ pub const ORPHAN_SWEEP: Duration = Duration::from_secs(2);
 /// [`ORPHAN_SWEEP`], until `shutdown`.
 pub async fn run(broker: Broker, router: Arc<Router>, db: Db, shutdown: CancellationToken) {
     let mut connects = broker.connects();
-    let mut reply_queue = None;
+    let mut renames = broker.renames();
     let mut orphans: Vec<TaskKey> = Vec::new();
     loop {
         tokio::select! {
@@ -44,11 +44,12 @@ pub async fn run(broker: Broker, router: Arc<Router>, db: Db, shutdown: Cancella
                 if changed.is_err() {
                     return;
                 }
-                let now = broker.reply_queue();
-                if reply_queue.is_some() && now != reply_queue {
+                // Counted before the connect it belongs to, so several
+                // reconnects seen as one change still show their renames.
+                if broker.renames() != renames {
+                    renames = broker.renames();
                     orphans = router.waiting();
                 }
-                reply_queue = now;
                 let pushed = sweep(&router, &db, &shutdown).await;
                 if pushed > 0 {
                     tracing::info!(
@@ -58,8 +59,7 @@ pub async fn run(broker: Broker, router: Arc<Router>, db: Db, shutdown: Cancella
                 }
             }
             () = tokio::time::sleep(ORPHAN_SWEEP), if !orphans.is_empty() => {
-                let waiting: std::collections::HashSet<TaskKey> = router.waiting().into_iter().collect();
-                orphans.retain(|key| waiting.contains(key));
+                orphans.retain(|key| router.is_waiting(key));
                 sweep_these(&router, &db, &orphans, &shutdown).await;
             }
         }

@@ -190,6 +190,11 @@ impl Router {
         self.lock().keys().cloned().collect()
     }
 
+    /// Whether `task_id` has subscribers.
+    pub fn is_waiting(&self, task_id: &TaskKey) -> bool {
+        self.lock().contains_key(task_id)
+    }
+
     /// How many tasks have subscribers (for tests and metrics).
     pub fn len(&self) -> usize {
         self.lock().len()

@@ -35,28 +35,37 @@ const NODE_LIMIT: Duration = Duration::from_secs(90);
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/cluster");
 
-/// `scripts/cluster` with `args`; its standard output.
-async fn cluster(args: &[&str]) -> String {
+/// `scripts/cluster` with `args`; its standard output, or why not.
+async fn try_cluster(args: &[&str]) -> Result<String, String> {
     let output = tokio::process::Command::new(SCRIPT)
         .args(args)
         .output()
         .await
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "scripts/cluster {args:?} failed ({}): {}; start the cluster with `scripts/cluster start`",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
+        .map_err(|err| err.to_string())?;
+    if !output.status.success() {
+        return Err(format!(
+            "scripts/cluster {args:?} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    String::from_utf8(output.stdout).map_err(|err| err.to_string())
 }
 
-/// `rabbitmqctl ARGS --formatter json` on a running node of the cluster.
-async fn ctl_json(args: &[&str]) -> Value {
+/// [`try_cluster`], or the test fails.
+async fn cluster(args: &[&str]) -> String {
+    try_cluster(args)
+        .await
+        .unwrap_or_else(|err| panic!("{err}; start the cluster with `scripts/cluster start`"))
+}
+
+/// `rabbitmqctl ARGS --formatter json` on a running node of the cluster;
+/// `None` while it cannot answer (a node stopping, an election).
+async fn ctl_json(args: &[&str]) -> Option<Value> {
     let mut all = vec!["ctl"];
     all.extend_from_slice(args);
     all.extend_from_slice(&["--formatter", "json"]);
-    serde_json::from_str(&cluster(&all).await).unwrap()
+    serde_json::from_str(&try_cluster(&all).await.ok()?).ok()
 }
 
 fn node_name(n: u8) -> String {
@@ -65,51 +74,41 @@ fn node_name(n: u8) -> String {
 
 /// The node (1..3) a node name (`tareas-2@localhost`) or an AMQP port
 /// (5682) stands for.
-fn node_number(text: &str) -> u8 {
+fn node_number(text: &str) -> Option<u8> {
     let digit = match text.strip_prefix("tareas-") {
         Some(rest) => rest.chars().next(),
         None => text.chars().last(),
     };
-    let n = digit
-        .and_then(|d| d.to_digit(10))
-        .unwrap_or_else(|| panic!("not a node: {text}"));
-    u8::try_from(n).unwrap()
+    u8::try_from(digit?.to_digit(10)?).ok()
 }
 
-/// The nodes holding a client connection whose name starts with `prefix`.
-async fn nodes_of(prefix: &str) -> Vec<u8> {
-    let connections = ctl_json(&["list_connections", "port", "client_properties"]).await;
-    let mut nodes: Vec<u8> = connections
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|c| c["client_properties"].to_string().contains(prefix))
-        .map(|c| node_number(&c["port"].to_string()))
-        .collect();
-    nodes.sort_unstable();
-    nodes
+/// For each of `prefixes`, the nodes holding a client connection whose
+/// name starts with it (one `list_connections` for all).
+async fn nodes_of(prefixes: &[&str]) -> Option<Vec<Vec<u8>>> {
+    let connections = ctl_json(&["list_connections", "port", "client_properties"]).await?;
+    let connections = connections.as_array()?;
+    let nodes = prefixes.iter().map(|prefix| {
+        let mut nodes: Vec<u8> = connections
+            .iter()
+            .filter(|c| c["client_properties"].to_string().contains(prefix))
+            .filter_map(|c| node_number(&c["port"].to_string()))
+            .collect();
+        nodes.sort_unstable();
+        nodes
+    });
+    Some(nodes.collect())
 }
 
 /// The work queue's leader and its members that are online.
-async fn queue_state(queue: &str) -> (u8, Vec<String>) {
-    let queues = ctl_json(&["list_queues", "name", "leader", "online"]).await;
-    let row = queues
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|q| q["name"] == queue)
-        .unwrap_or_else(|| panic!("no queue {queue} in the cluster: {queues}"))
-        .clone();
+async fn queue_state(queue: &str) -> Option<(u8, Vec<String>)> {
+    let queues = ctl_json(&["list_queues", "name", "leader", "online"]).await?;
+    let row = queues.as_array()?.iter().find(|q| q["name"] == queue)?;
     let online = row["online"]
-        .as_array()
-        .map(|nodes| {
-            nodes
-                .iter()
-                .map(|n| n.as_str().unwrap().to_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    (node_number(row["leader"].as_str().unwrap()), online)
+        .as_array()?
+        .iter()
+        .filter_map(|n| n.as_str().map(str::to_owned))
+        .collect();
+    Some((node_number(row["leader"].as_str()?)?, online))
 }
 
 /// Polls `check` every 200 ms until it holds, within [`NODE_LIMIT`].
@@ -216,34 +215,39 @@ async fn lose_node(n: u8, queue: &str, started: Instant) {
     cluster(&["stop-node", &n.to_string()]).await;
     let stopped = Instant::now();
     eventually("the programs reconnect to surviving nodes", async || {
-        let mut all = true;
-        for prefix in ["distribuidor-", "cluster-worker-1", "cluster-worker-2"] {
-            let nodes = nodes_of(prefix).await;
-            all &= !nodes.is_empty() && !nodes.contains(&n);
-        }
-        all
+        let programs = ["distribuidor-", "cluster-worker-1", "cluster-worker-2"];
+        nodes_of(&programs)
+            .await
+            .is_some_and(|nodes| nodes.iter().all(|on| !on.is_empty() && !on.contains(&n)))
     })
     .await;
     println!(
-        "{:>6.1?}: the three programs reconnected {:.1?} after the stop",
+        "{:>6.1?}: the three programs reconnected {:.1?} after the stop (seen by polling rabbitmqctl)",
         started.elapsed(),
         stopped.elapsed()
     );
     eventually("a leader for the work queue on another node", async || {
-        queue_state(queue).await.0 != n
+        queue_state(queue)
+            .await
+            .is_some_and(|(leader, _)| leader != n)
     })
     .await;
     cluster(&["start-node", &n.to_string()]).await;
     eventually("the node rejoins the cluster and the queue", async || {
-        let running = ctl_json(&["cluster_status"]).await["running_nodes"].to_string();
-        running.contains(&node_name(n)) && queue_state(queue).await.1.len() == 3
+        let running = ctl_json(&["cluster_status"]).await;
+        let running = running
+            .is_some_and(|status| status["running_nodes"].to_string().contains(&node_name(n)));
+        running
+            && queue_state(queue)
+                .await
+                .is_some_and(|(_, online)| online.len() == 3)
     })
     .await;
     println!("{:>6.1?}: {} rejoined", started.elapsed(), node_name(n));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn losing_a_node_loses_no_task_and_runs_none_twice() {
+async fn losing_a_node_loses_no_acked_task() {
     let urls = cluster(&["urls"]).await.trim().to_owned();
     let _restart = Restart;
     let mut deployment = Deployment::new().await;
@@ -256,7 +260,9 @@ async fn losing_a_node_loses_no_task_and_runs_none_twice() {
         deployment.start_worker(worker);
     }
     let queue = deployment.queue.clone();
-    let (_, online) = queue_state(&queue).await;
+    let (_, online) = queue_state(&queue)
+        .await
+        .expect("the work queue in the cluster");
     assert_eq!(
         online.len(),
         3,
@@ -273,9 +279,9 @@ async fn losing_a_node_loses_no_task_and_runs_none_twice() {
         acks.load(Ordering::Relaxed) >= 300
     })
     .await;
-    let own = nodes_of("distribuidor-").await[0];
+    let own = nodes_of(&["distribuidor-"]).await.expect("connections")[0][0];
     lose_node(own, &queue, started).await;
-    let leader = queue_state(&queue).await.0;
+    let (leader, _) = queue_state(&queue).await.expect("the work queue's leader");
     lose_node(leader, &queue, started).await;
     enough_tx.send_replace(true);
     let outcome = load.await.unwrap();
@@ -346,6 +352,38 @@ async fn delete_queues(urls: &str, queue: &str) {
                 lapin::options::QueueDeleteOptions::default(),
             )
             .await;
+    }
+    let _ = connection.close(200, "done".into()).await;
+}
+
+/// `TAREAS_QUORUM_SIZE` sets the replicas of every quorum queue of the
+/// topology; more than the cluster has gives each queue all the nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_queues_get_the_configured_replicas() {
+    let urls = cluster(&["urls"]).await.trim().to_owned();
+    let connection = tareas_common::amqp::connect(&urls, "cluster-test")
+        .await
+        .unwrap();
+    for (size, replicas) in [(2, 2), (5, 3)] {
+        let mut topology = tareas_integration::topology(&format!("test-{}", uuid::Uuid::new_v4()));
+        topology.quorum_size = size;
+        topology.declare(&connection).await.unwrap();
+        for queue in [topology.queue.clone(), topology.dead_letter_queue()] {
+            let members = ctl_json(&["list_queues", "name", "members"]).await.unwrap();
+            let row = members
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|q| q["name"] == queue.as_str())
+                .unwrap()
+                .clone();
+            assert_eq!(
+                row["members"].as_array().map(Vec::len),
+                Some(replicas),
+                "TAREAS_QUORUM_SIZE={size}: {row}"
+            );
+        }
+        delete_queues(&urls, &topology.queue).await;
     }
     let _ = connection.close(200, "done".into()).await;
 }

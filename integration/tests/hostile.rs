@@ -1,6 +1,8 @@
 //! One careless or hostile client never hurts another: each test measures a
 //! well-behaved bystander while a bad client misbehaves.
 
+use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
 use serde_json::json;
 use tareas_common::amqp::{self, Envelope};
 use tareas_common::protocol::{ErrorCode, Reply, Request};
@@ -449,6 +451,92 @@ async fn a_queue_created_unbounded_is_used_as_it_is() {
         .declare(&connection)
         .await
         .expect("the bounded declare falls back to the queue as it is");
+    let _ = connection.close(200, "done".into()).await;
+    deployment.stop().await;
+}
+
+/// Declares durable queue `name` with `arguments` on `channel`.
+async fn declare_with(channel: &lapin::Channel, name: &str, arguments: &[(&str, AMQPValue)]) {
+    let mut table = FieldTable::default();
+    for (key, value) in arguments {
+        table.insert((*key).into(), value.clone());
+    }
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(name.into(), durable, table)
+        .await
+        .expect("declare");
+}
+
+/// The queues of the previous version (no `x-quorum-initial-group-size`)
+/// are used as they are, retry queues too; a work queue of another type is
+/// refused rather than used without replication.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queues_of_an_older_version_are_used_and_another_type_is_refused() {
+    let deployment = Deployment::new().await;
+    let connection = tareas_integration::rabbitmq().await;
+    let topology = tareas_integration::topology(&deployment.queue);
+    let channel = connection.create_channel().await.expect("channel");
+    let string = |text: &str| AMQPValue::LongString(LongString::from(text));
+    let quorum = ("x-queue-type", string("quorum"));
+    let max = i64::try_from(topology.max_length.expect("bounded")).expect("fits");
+    let work = [
+        quorum.clone(),
+        ("x-delivery-limit", AMQPValue::LongLongInt(20)),
+        (
+            "x-dead-letter-exchange",
+            string(&topology.dead_letter_exchange()),
+        ),
+        ("x-max-length", AMQPValue::LongLongInt(max)),
+        ("x-overflow", string("reject-publish")),
+    ];
+    declare_with(&channel, &topology.queue, &work).await;
+    declare_with(
+        &channel,
+        &topology.dead_letter_queue(),
+        std::slice::from_ref(&quorum),
+    )
+    .await;
+    let retry = [
+        quorum,
+        ("x-message-ttl", AMQPValue::LongLongInt(1000)),
+        ("x-dead-letter-exchange", string("")),
+        ("x-dead-letter-routing-key", string(&topology.queue)),
+        ("x-dead-letter-strategy", string("at-least-once")),
+        ("x-overflow", string("reject-publish")),
+    ];
+    declare_with(&channel, &topology.retry_queue(1000), &retry).await;
+
+    topology
+        .declare(&connection)
+        .await
+        .expect("the older queues are used");
+    let retry_queue = topology
+        .declare_retry_queue(&connection, 1000)
+        .await
+        .expect("the older retry queue is used");
+    assert_eq!(retry_queue, topology.retry_queue(1000));
+
+    let classic = tareas_integration::topology(&format!("{}-classic", deployment.queue));
+    declare_with(&channel, &classic.queue, &[]).await;
+    let refused = classic.declare(&connection).await;
+    assert!(
+        refused.is_err(),
+        "a classic work queue must not be used as if it were a quorum queue"
+    );
+    let cleanup = connection.create_channel().await.expect("channel");
+    for queue in [
+        topology.retry_queue(1000),
+        classic.queue.clone(),
+        classic.dead_letter_queue(),
+    ] {
+        let _ = cleanup
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
     let _ = connection.close(200, "done".into()).await;
     deployment.stop().await;
 }

@@ -32,10 +32,12 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     loop {
         // A restart of RabbitMQ in the middle of opening can leave a reply
         // pending forever: opening has a time limit, and is retried.
+        // Each node of AMQP_URL has its own time limit to answer.
+        let limit = AMQP_TIMEOUT + amqp::connect_limit(&ctx.amqp_url);
         let opened = retry_until_ok(&RABBITMQ, &shutdown, || async {
-            match tokio::time::timeout(AMQP_TIMEOUT, open(&ctx)).await {
+            match tokio::time::timeout(limit, open(&ctx)).await {
                 Ok(opened) => opened.map_err(|err| err.to_string()),
-                Err(_) => Err(format!("opening the connection took over {AMQP_TIMEOUT:?}")),
+                Err(_) => Err(format!("opening the connection took over {limit:?}")),
             }
         });
         let Some((connection, channels, consumer)) = opened.await else {

@@ -75,9 +75,9 @@ pub struct Channels {
     pub publish: Channel,
     /// The connection, for declares that must not risk `publish` (a
     /// refused declare closes its channel).
-    pub connection: Arc<Connection>,
+    connection: Arc<Connection>,
     /// Retry delays whose queue this connection has declared.
-    pub retry_queues: Arc<std::sync::Mutex<HashSet<u64>>>,
+    retry_queues: Arc<std::sync::Mutex<HashSet<u64>>>,
 }
 
 impl Channels {
@@ -108,8 +108,8 @@ impl Channels {
         Ok(name)
     }
 
-    /// Declares the retry queue for `delay_ms` again on its next use (a
-    /// publish to it failed: it may have been deleted).
+    /// Declares the retry queue for `delay_ms` again on its next use (it
+    /// returned a publish as unroutable: someone deleted it).
     pub fn forget_retry_queue(&self, delay_ms: u64) {
         self.retry_queue_set().remove(&delay_ms);
     }

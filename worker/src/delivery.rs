@@ -443,7 +443,7 @@ async fn publish_retry(
     let envelope = Envelope::forwarded(task.task_id.as_str(), &delivery.properties);
     let published =
         amqp::publish_persistent(&channels.publish, &queue, &delivery.data, envelope).await;
-    if published.is_err() {
+    if let Err(PublishError::Unroutable(_)) = published {
         channels.forget_retry_queue(delay_ms);
     }
     published
