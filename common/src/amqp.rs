@@ -13,6 +13,7 @@ use std::time::Duration;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::protocol::AMQPErrorKind;
 pub use lapin::protocol::AMQPSoftError;
+use lapin::types::AMQPValue;
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
@@ -154,6 +155,35 @@ pub fn connect_limit(urls: &str) -> Duration {
     NODE_CONNECT_TIMEOUT.saturating_mul(nodes.max(1))
 }
 
+/// Runs `open` (connect to `urls`, then set up what lives on the
+/// connection) until it succeeds, waiting between attempts by RabbitMQ's
+/// backoff, which logs once when it goes and once when it is back. A
+/// restart of RabbitMQ in the middle of opening can leave a reply pending
+/// forever, so each attempt has a time limit: `setup` plus every node's
+/// connect limit. `None` once `shutdown` is cancelled.
+pub async fn open_with_backoff<T, F, Fut>(
+    urls: &str,
+    setup: Duration,
+    shutdown: &tokio_util::sync::CancellationToken,
+    mut open: F,
+) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, lapin::Error>>,
+{
+    let limit = setup + connect_limit(urls);
+    crate::backoff::retry_until_ok(&crate::backoff::RABBITMQ, shutdown, || {
+        let attempt = open();
+        async move {
+            match tokio::time::timeout(limit, attempt).await {
+                Ok(opened) => opened.map_err(|err| err.to_string()),
+                Err(_) => Err(format!("opening the connection took over {limit:?}")),
+            }
+        }
+    })
+    .await
+}
+
 /// Connects to RabbitMQ as `name`, the connection name its management UI
 /// shows (`distribuidor-<instance>`, the worker id, `cliente-dlq`).
 ///
@@ -197,18 +227,48 @@ pub fn refused_with(err: &lapin::Error, code: AMQPSoftError) -> bool {
     matches!(err.kind(), lapin::ErrorKind::ProtocolError(e) if *e.kind() == AMQPErrorKind::Soft(code))
 }
 
-/// The argument named by RabbitMQ's `PRECONDITION_FAILED - inequivalent arg
-/// 'x-…'` refusal of a declare, if that is what `err` is.
-pub fn inequivalent_arg(err: &lapin::Error) -> Option<String> {
+/// RabbitMQ's refusal of a declare whose argument `arg` differs from the
+/// existing queue's: `PRECONDITION_FAILED - inequivalent arg 'x-…' for
+/// queue '…' in vhost '…': received … but current is …`. RabbitMQ names
+/// only the first argument it finds different.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Inequivalent {
+    /// The argument found different.
+    pub arg: String,
+    /// The queue's own value of it; `None` when it has none.
+    pub current: Option<AMQPValue>,
+}
+
+/// The [`Inequivalent`] refusal `err` is, if it is one.
+pub fn inequivalent(err: &lapin::Error) -> Option<Inequivalent> {
     let lapin::ErrorKind::ProtocolError(e) = err.kind() else {
         return None;
     };
     if *e.kind() != AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED) {
         return None;
     }
-    let text = e.get_message().as_str();
-    let rest = &text[text.find("inequivalent arg '")? + "inequivalent arg '".len()..];
-    Some(rest[..rest.find('\'')?].to_owned())
+    parse_inequivalent(e.get_message().as_str())
+}
+
+fn parse_inequivalent(text: &str) -> Option<Inequivalent> {
+    let (arg, rest) = text.split_once("inequivalent arg '")?.1.split_once('\'')?;
+    let current = rest.rsplit_once("but current is ")?.1;
+    let current = if current.starts_with("none") {
+        None
+    } else {
+        let (value, kind) = current
+            .strip_prefix("the value '")?
+            .rsplit_once("' of type '")?;
+        Some(match kind.trim_end_matches('\'') {
+            "longstr" => AMQPValue::LongString(value.into()),
+            // RabbitMQ compares integers of any width as equal.
+            _ => AMQPValue::LongLongInt(value.parse().ok()?),
+        })
+    };
+    Some(Inequivalent {
+        arg: arg.to_owned(),
+        current,
+    })
 }
 
 /// A new channel on `connection` in confirm mode, for [`publish_persistent`].
@@ -259,6 +319,26 @@ pub async fn publish_persistent(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_inequivalent_arg_refusal_names_the_argument_and_the_queues_value() {
+        let refusal = |tail: &str| {
+            parse_inequivalent(&format!("PRECONDITION_FAILED - inequivalent arg {tail}"))
+        };
+        assert_eq!(
+            refusal("'x-max-length' for queue 'tareas' in vhost '/': received the value '5' of type 'long' but current is the value '1000000' of type 'long'"),
+            Some(Inequivalent { arg: "x-max-length".into(), current: Some(AMQPValue::LongLongInt(1_000_000)) })
+        );
+        assert_eq!(
+            refusal("'x-quorum-initial-group-size' for queue 'tareas' in vhost '/': received the value '3' of type 'signedint' but current is none"),
+            Some(Inequivalent { arg: "x-quorum-initial-group-size".into(), current: None })
+        );
+        assert_eq!(
+            refusal("'x-overflow' for queue 'q' in vhost 'v': received the value 'reject-publish' of type 'longstr' but current is the value 'drop-head' of type 'longstr'"),
+            Some(Inequivalent { arg: "x-overflow".into(), current: Some(AMQPValue::LongString("drop-head".into())) })
+        );
+        assert_eq!(parse_inequivalent("NOT_FOUND - no queue 'q'"), None);
+    }
 
     #[test]
     fn a_task_carries_its_trace_context_and_a_forward_keeps_it() {

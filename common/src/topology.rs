@@ -5,8 +5,8 @@
 //! Every quorum queue is created with `TAREAS_QUORUM_SIZE` replicas
 //! (`x-quorum-initial-group-size`, default 3; a smaller cluster gets all
 //! its nodes), so it survives the loss of a minority of them. A queue that
-//! already exists without that argument, or with another maximum length,
-//! is used as it is.
+//! already exists with another (or no) group size or maximum length is
+//! used with its own; any other difference is an error.
 //!
 //! - `<queue>` (default `tareas`): a durable quorum queue with a delivery
 //!   limit; messages that exceed it, or that a worker rejects, are
@@ -206,51 +206,65 @@ impl Topology {
     }
 }
 
-/// Declares durable queue `name` with `arguments` on a channel of its own
-/// on `connection`. RabbitMQ cannot change the arguments of a queue that
-/// exists, and refuses a declare with others. A queue created by an older
-/// version (without `x-quorum-initial-group-size`, which only matters at
-/// creation) or before `TAREAS_QUEUE_MAX_LENGTH` changed (`x-max-length`,
-/// `x-overflow`; logged) is used as it is; any other difference (another
-/// queue type, durability, delivery limit) is an error.
+/// Arguments an existing queue may differ in from this version's: it is
+/// used with its own values. The group size only matters at creation (a
+/// queue of an older version has none); the maximum length can be set by a
+/// policy instead.
+const KEPT: [&str; 3] = ["x-quorum-initial-group-size", "x-max-length", "x-overflow"];
+
+/// Declares durable queue `name` with `arguments`, each attempt on a
+/// channel of its own on `connection`. RabbitMQ cannot change the arguments
+/// of a queue that exists and refuses a declare naming the first argument
+/// it finds different. When that is one of [`KEPT`], the declare is made
+/// again with the queue's own value of it, so every other argument is still
+/// compared: another queue type, durability or delivery limit is an error.
 async fn declare_or_keep(
     connection: &Connection,
     name: &str,
-    arguments: FieldTable,
+    mut arguments: FieldTable,
 ) -> Result<(), lapin::Error> {
-    let channel = connection.create_channel().await?;
-    let err = match declare_durable(&channel, name, arguments).await {
-        Ok(()) => {
-            let _ = channel.close(200, "declared".into()).await;
-            return Ok(());
+    let mut kept: Vec<String> = Vec::new();
+    loop {
+        let channel = connection.create_channel().await?;
+        let err = match declare_durable(&channel, name, arguments.clone()).await {
+            Ok(()) => {
+                let _ = channel.close(200, "declared".into()).await;
+                return Ok(());
+            }
+            // The refusal closed the channel.
+            Err(err) => err,
+        };
+        let Some(found) = crate::amqp::inequivalent(&err) else {
+            return Err(err);
+        };
+        if !KEPT.contains(&found.arg.as_str()) || kept.contains(&found.arg) {
+            return Err(err);
         }
-        Err(err) => err,
-    };
-    match crate::amqp::inequivalent_arg(&err).as_deref() {
-        Some("x-quorum-initial-group-size") => {
-            tracing::debug!(
-                queue = name,
-                "the queue keeps the replicas it was created with"
-            );
-        }
-        Some("x-max-length" | "x-overflow") => tracing::warn!(
-            queue = name,
-            cause = %err,
-            "the queue keeps the maximum length it was created with; see \"Changing a queue's arguments\" in docs/operations.md"
-        ),
-        _ => return Err(err),
+        log_kept(name, &found, &err);
+        let mut table = arguments.inner().clone();
+        match found.current {
+            Some(value) => table.insert(found.arg.as_str().into(), value),
+            None => table.remove(found.arg.as_str()),
+        };
+        arguments = FieldTable::from(table);
+        kept.push(found.arg);
     }
-    // The refusal closed the channel: check that it exists on another.
-    let channel = connection.create_channel().await?;
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..QueueDeclareOptions::default()
-    };
-    channel
-        .queue_declare(name.into(), passive, FieldTable::default())
-        .await?;
-    let _ = channel.close(200, "declared".into()).await;
-    Ok(())
+}
+
+/// Says that queue `name` keeps its own value of an argument.
+fn log_kept(name: &str, found: &crate::amqp::Inequivalent, err: &lapin::Error) {
+    if found.arg == "x-quorum-initial-group-size" && found.current.is_none() {
+        tracing::debug!(
+            queue = name,
+            "a queue of an older version keeps the replicas it was created with"
+        );
+        return;
+    }
+    tracing::warn!(
+        queue = name,
+        cause = %err,
+        "the queue keeps the value it was created with (RabbitMQ cannot change it); see \"Changing a queue's arguments\" in docs/operations.md"
+    );
 }
 
 async fn declare_durable(

@@ -24,7 +24,6 @@ use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use tareas_common::amqp::{self, AMQPSoftError, Envelope, PublishError};
-use tareas_common::backoff::RABBITMQ;
 use tareas_common::task::{TaskMessage, TaskReport};
 use tareas_common::topology::Topology;
 use tokio::sync::watch;
@@ -229,7 +228,7 @@ async fn supervise(
             reply_channel,
             consumer,
             reply_queue,
-        }) = open_with_backoff(&link, &shutdown).await
+        }) = amqp::open_with_backoff(&link.amqp_url, OPEN_TIMEOUT, &shutdown, || open(&link)).await
         else {
             return;
         };
@@ -260,20 +259,6 @@ async fn supervise(
         let _ =
             tokio::time::timeout(CLOSE_TIMEOUT, connection.close(200, "reconnecting".into())).await;
     }
-}
-
-/// Opens the link, retrying with backoff; `None` once `shutdown` came.
-/// A restart of RabbitMQ in the middle of opening can leave a reply pending
-/// forever: opening has a time limit (each node of `AMQP_URL` its own).
-async fn open_with_backoff(link: &Link, shutdown: &CancellationToken) -> Option<Opened> {
-    let limit = OPEN_TIMEOUT + amqp::connect_limit(&link.amqp_url);
-    tareas_common::backoff::retry_until_ok(&RABBITMQ, shutdown, || async {
-        match tokio::time::timeout(limit, open(link)).await {
-            Ok(opened) => opened.map_err(|err| err.to_string()),
-            Err(_) => Err(format!("opening the connection took over {limit:?}")),
-        }
-    })
-    .await
 }
 
 /// Closes the link at shutdown, within [`CLOSE_TIMEOUT`]: stop consuming,

@@ -1,8 +1,9 @@
 //! The cluster proof: a distribuidor and two workers connected to the
 //! three-node RabbitMQ cluster of `scripts/cluster` lose a node in the
 //! middle of the load — first the distribuidor's own node, then the node
-//! leading the work queue — and every acked task still finishes exactly
-//! once, no refused task runs, the programs reconnect to the surviving
+//! leading the work queue — and every acked task still succeeds with one
+//! row and one S3 object and reaches its client exactly once, no refused
+//! task runs, the programs reconnect to the surviving
 //! nodes by themselves, and the stopped node rejoins when it comes back.
 //!
 //! It stops RabbitMQ nodes (of that cluster only, never the default node),
@@ -59,13 +60,14 @@ async fn cluster(args: &[&str]) -> String {
         .unwrap_or_else(|err| panic!("{err}; start the cluster with `scripts/cluster start`"))
 }
 
-/// `rabbitmqctl ARGS --formatter json` on a running node of the cluster;
-/// `None` while it cannot answer (a node stopping, an election).
-async fn ctl_json(args: &[&str]) -> Option<Value> {
+/// `rabbitmqctl ARGS --formatter json` on a running node of the cluster,
+/// or why not (a node stopping, an election: pollers try again).
+async fn ctl_json(args: &[&str]) -> Result<Value, String> {
     let mut all = vec!["ctl"];
     all.extend_from_slice(args);
     all.extend_from_slice(&["--formatter", "json"]);
-    serde_json::from_str(&try_cluster(&all).await.ok()?).ok()
+    let output = try_cluster(&all).await?;
+    serde_json::from_str(&output).map_err(|err| format!("{err}: {output}"))
 }
 
 fn node_name(n: u8) -> String {
@@ -85,7 +87,9 @@ fn node_number(text: &str) -> Option<u8> {
 /// For each of `prefixes`, the nodes holding a client connection whose
 /// name starts with it (one `list_connections` for all).
 async fn nodes_of(prefixes: &[&str]) -> Option<Vec<Vec<u8>>> {
-    let connections = ctl_json(&["list_connections", "port", "client_properties"]).await?;
+    let connections = ctl_json(&["list_connections", "port", "client_properties"])
+        .await
+        .ok()?;
     let connections = connections.as_array()?;
     let nodes = prefixes.iter().map(|prefix| {
         let mut nodes: Vec<u8> = connections
@@ -101,7 +105,9 @@ async fn nodes_of(prefixes: &[&str]) -> Option<Vec<Vec<u8>>> {
 
 /// The work queue's leader and its members that are online.
 async fn queue_state(queue: &str) -> Option<(u8, Vec<String>)> {
-    let queues = ctl_json(&["list_queues", "name", "leader", "online"]).await?;
+    let queues = ctl_json(&["list_queues", "name", "leader", "online"])
+        .await
+        .ok()?;
     let row = queues.as_array()?.iter().find(|q| q["name"] == queue)?;
     let online = row["online"]
         .as_array()?
@@ -235,8 +241,8 @@ async fn lose_node(n: u8, queue: &str, started: Instant) {
     cluster(&["start-node", &n.to_string()]).await;
     eventually("the node rejoins the cluster and the queue", async || {
         let running = ctl_json(&["cluster_status"]).await;
-        let running = running
-            .is_some_and(|status| status["running_nodes"].to_string().contains(&node_name(n)));
+        let running =
+            running.is_ok_and(|status| status["running_nodes"].to_string().contains(&node_name(n)));
         running
             && queue_state(queue)
                 .await
@@ -369,7 +375,9 @@ async fn quorum_queues_get_the_configured_replicas() {
         topology.quorum_size = size;
         topology.declare(&connection).await.unwrap();
         for queue in [topology.queue.clone(), topology.dead_letter_queue()] {
-            let members = ctl_json(&["list_queues", "name", "members"]).await.unwrap();
+            let members = ctl_json(&["list_queues", "name", "members"])
+                .await
+                .unwrap_or_else(|err| panic!("{err}"));
             let row = members
                 .as_array()
                 .unwrap()

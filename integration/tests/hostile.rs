@@ -472,10 +472,11 @@ async fn declare_with(channel: &lapin::Channel, name: &str, arguments: &[(&str, 
 }
 
 /// The queues of the previous version (no `x-quorum-initial-group-size`)
-/// are used as they are, retry queues too; a work queue of another type is
-/// refused rather than used without replication.
+/// are used as they are, retry queues too; a work queue of another type, or
+/// with its own delivery limit behind another maximum length, is refused
+/// rather than used as if it were what this version declares.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn queues_of_an_older_version_are_used_and_another_type_is_refused() {
+async fn queues_of_an_older_version_are_used_and_other_differences_are_refused() {
     let deployment = Deployment::new().await;
     let connection = tareas_integration::rabbitmq().await;
     let topology = tareas_integration::topology(&deployment.queue);
@@ -527,11 +528,33 @@ async fn queues_of_an_older_version_are_used_and_another_type_is_refused() {
         refused.is_err(),
         "a classic work queue must not be used as if it were a quorum queue"
     );
+    // Another maximum length is kept; the delivery limit RabbitMQ compares
+    // after it still counts.
+    let limited = tareas_integration::topology(&format!("{}-limited", deployment.queue));
+    let channel = connection.create_channel().await.expect("channel");
+    let own_limit = [
+        ("x-queue-type", string("quorum")),
+        ("x-delivery-limit", AMQPValue::LongLongInt(5)),
+        (
+            "x-dead-letter-exchange",
+            string(&limited.dead_letter_exchange()),
+        ),
+        ("x-max-length", AMQPValue::LongLongInt(7)),
+        ("x-overflow", string("reject-publish")),
+    ];
+    declare_with(&channel, &limited.queue, &own_limit).await;
+    let refused = limited.declare(&connection).await;
+    assert!(
+        refused.is_err(),
+        "a work queue with its own delivery limit must not be used"
+    );
     let cleanup = connection.create_channel().await.expect("channel");
     for queue in [
         topology.retry_queue(1000),
         classic.queue.clone(),
         classic.dead_letter_queue(),
+        limited.queue.clone(),
+        limited.dead_letter_queue(),
     ] {
         let _ = cleanup
             .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())

@@ -14,7 +14,7 @@ use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::Connection;
 use tareas_common::amqp;
-use tareas_common::backoff::{retry_until_ok, RABBITMQ};
+use tareas_common::backoff::RABBITMQ;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -30,16 +30,7 @@ enum Ended {
 /// Consumes until `shutdown`, reconnecting whenever the connection drops.
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     loop {
-        // A restart of RabbitMQ in the middle of opening can leave a reply
-        // pending forever: opening has a time limit, and is retried.
-        // Each node of AMQP_URL has its own time limit to answer.
-        let limit = AMQP_TIMEOUT + amqp::connect_limit(&ctx.amqp_url);
-        let opened = retry_until_ok(&RABBITMQ, &shutdown, || async {
-            match tokio::time::timeout(limit, open(&ctx)).await {
-                Ok(opened) => opened.map_err(|err| err.to_string()),
-                Err(_) => Err(format!("opening the connection took over {limit:?}")),
-            }
-        });
+        let opened = amqp::open_with_backoff(&ctx.amqp_url, AMQP_TIMEOUT, &shutdown, || open(&ctx));
         let Some((connection, channels, consumer)) = opened.await else {
             return;
         };
