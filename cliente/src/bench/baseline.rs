@@ -237,9 +237,12 @@ impl ScratchQueue {
 
     /// Deletes the queue and closes the connection.
     async fn finish(self) -> anyhow::Result<()> {
-        self.consumer_channel
+        // Best effort: the consumer task's end cancels its consumer, which
+        // can race this close ("invalid channel state: Closing").
+        let _ = self
+            .consumer_channel
             .close(200, "baseline consumed".into())
-            .await?;
+            .await;
         self.publisher
             .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
             .await?;
