@@ -275,7 +275,7 @@ async fn bench(addr: &str, args: &cliente::bench::BenchArgs) -> anyhow::Result<(
 }
 
 async fn dlq_list(broker: &BrokerArgs) -> anyhow::Result<()> {
-    let dead = dlq::list(broker).await?;
+    let dead = dlq::list(broker, usize::MAX).await?;
     for letter in &dead {
         println!(
             "{}  {}  ({})",

@@ -66,17 +66,24 @@ async fn open(broker: &BrokerArgs) -> anyhow::Result<(Connection, Channel, Topol
     Ok((connection, channel, topology))
 }
 
-/// Takes every message off the dead-letter queue without acking: they go
-/// back when the channel closes, unless acked.
-async fn fetch_all(channel: &Channel, topology: &Topology) -> anyhow::Result<Vec<BasicGetMessage>> {
+/// Takes up to `limit` messages off the dead-letter queue without acking:
+/// they go back when handed back or the channel closes, unless acked.
+async fn fetch(
+    channel: &Channel,
+    topology: &Topology,
+    limit: usize,
+) -> anyhow::Result<Vec<BasicGetMessage>> {
     let mut messages = Vec::new();
-    while let Some(message) = channel
-        .basic_get(
-            topology.dead_letter_queue().as_str().into(),
-            BasicGetOptions { no_ack: false },
-        )
-        .await?
-    {
+    while messages.len() < limit {
+        let Some(message) = channel
+            .basic_get(
+                topology.dead_letter_queue().as_str().into(),
+                BasicGetOptions { no_ack: false },
+            )
+            .await?
+        else {
+            break;
+        };
         messages.push(message);
     }
     Ok(messages)
@@ -107,7 +114,8 @@ fn death_reason(headers: Option<&FieldTable>) -> Option<String> {
     }
 }
 
-/// The dead-lettered messages, left in place.
+/// The first `limit` dead-lettered messages (`usize::MAX`: all), left in
+/// place. The dashboard shows a bounded page; `cliente dlq list` shows all.
 ///
 /// They are handed back with an explicit `basic.nack` (requeue) rather than
 /// by closing the channel: since RabbitMQ 4.3 a nack does not count as a
@@ -115,9 +123,9 @@ fn death_reason(headers: Option<&FieldTable>) -> Option<String> {
 /// RabbitMQ 4 drops a message of a quorum queue without a dead-letter target
 /// after 20 of them (its default delivery limit). Listing must not wear dead
 /// letters out.
-pub async fn list(broker: &BrokerArgs) -> anyhow::Result<Vec<DeadLetter>> {
+pub async fn list(broker: &BrokerArgs, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
     let (connection, channel, topology) = open(broker).await?;
-    let messages = fetch_all(&channel, &topology).await?;
+    let messages = fetch(&channel, &topology, limit).await?;
     let listed = messages.iter().map(describe).collect();
     if let Some(last) = messages.last() {
         channel
@@ -143,7 +151,7 @@ pub async fn replay(
     selection: &Selection,
 ) -> anyhow::Result<Vec<String>> {
     let (connection, channel, topology) = open(broker).await?;
-    let messages = fetch_all(&channel, &topology).await?;
+    let messages = fetch(&channel, &topology, usize::MAX).await?;
     let mut replayed = Vec::new();
     for message in &messages {
         let Ok(task) = serde_json::from_slice::<TaskMessage>(&message.delivery.data) else {

@@ -117,6 +117,18 @@ impl Tokens {
         found
     }
 
+    /// The name of `presented`'s token, if it is one of these. A token that
+    /// is not answers after the delay [`Tokens::failed`] sets for `peer`,
+    /// so that guessing is slow; no token at all answers at once.
+    pub async fn authenticate(&self, presented: Option<&str>, peer: &str) -> Option<&str> {
+        let presented = presented?;
+        if let Some(name) = self.verify(presented) {
+            return Some(name);
+        }
+        tokio::time::sleep(self.failed(peer)).await;
+        None
+    }
+
     /// Counts a failure from `peer`; returns how long to wait before answering it.
     pub fn failed(&self, peer: &str) -> Duration {
         let mut failures = self

@@ -248,12 +248,15 @@ async fn an_operator_lists_and_replays_the_dead_letter_queue() {
 
     let mut broker = tareas_worker::WorkerConfig::defaults().broker;
     broker.queue = deployment.queue.clone();
-    let listed = cliente::dlq::list(&broker).await.expect("list");
+    let listed = cliente::dlq::list(&broker, usize::MAX).await.expect("list");
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].task_id.as_deref(), Some(id.as_str()));
     assert_eq!(listed[0].reason, "rejected");
     assert_eq!(
-        cliente::dlq::list(&broker).await.expect("list again").len(),
+        cliente::dlq::list(&broker, usize::MAX)
+            .await
+            .expect("list again")
+            .len(),
         1,
         "listing leaves them in place"
     );
@@ -289,7 +292,10 @@ async fn an_operator_lists_and_replays_the_dead_letter_queue() {
     };
     assert_eq!(result, Some(json!({"fixed": true})));
     assert!(
-        cliente::dlq::list(&broker).await.expect("list").is_empty(),
+        cliente::dlq::list(&broker, usize::MAX)
+            .await
+            .expect("list")
+            .is_empty(),
         "replayed tasks leave the dead-letter queue"
     );
     deployment.stop().await;

@@ -159,15 +159,14 @@ impl App {
         let bearer = headers
             .get(header::AUTHORIZATION)
             .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "));
-        if let Some(name) = bearer.and_then(|token| tokens.verify(token.trim())) {
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .map(str::trim);
+        let peer = peer.ip().to_string();
+        if let Some(name) = tokens.authenticate(bearer, &peer).await {
             return Ok(Who {
                 scope: name.to_owned(),
                 quota: name.to_owned(),
             });
-        }
-        if bearer.is_some() {
-            tokio::time::sleep(tokens.failed(&peer.ip().to_string())).await;
         }
         Err(error(
             ErrorCode::Unauthenticated,

@@ -202,7 +202,11 @@ pub async fn get(
 
 /// The task's row once it is terminal, or as it is when `wait` ends.
 async fn wait_for(app: &App, key: &TaskKey, wait: Duration) -> Result<Option<TaskRow>, Response> {
-    // At most `polls` wait at once; the others answer with the row as it is.
+    // A plain read takes no long-poll slot. At most `polls` wait at once;
+    // the others answer with the row as it is.
+    if wait.is_zero() {
+        return read_row(app, key).await;
+    }
     let Ok(_poll) = app.polls.try_acquire() else {
         return read_row(app, key).await;
     };

@@ -9,6 +9,7 @@ mod pages;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
+use base64::prelude::{Engine as _, BASE64_STANDARD};
 
 use super::App;
 
@@ -56,7 +57,16 @@ impl axum::extract::FromRequestParts<App> for Operator {
         if !operators.required() && !app.shared.tokens.required() {
             return Ok(Operator);
         }
-        if presented(&parts.headers).is_some_and(|token| operators.verify(&token).is_some()) {
+        let peer = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map_or_else(|| "unknown".to_owned(), |info| info.0.ip().to_string());
+        let token = presented(&parts.headers);
+        if operators
+            .authenticate(token.as_deref(), &peer)
+            .await
+            .is_some()
+        {
             return Ok(Operator);
         }
         let mut response = (
@@ -79,28 +89,10 @@ fn presented(headers: &HeaderMap) -> Option<String> {
     if let Some(token) = value.strip_prefix("Bearer ") {
         return Some(token.trim().to_owned());
     }
-    let decoded = String::from_utf8(base64_decode(value.strip_prefix("Basic ")?.trim())?).ok()?;
+    let basic = value.strip_prefix("Basic ")?.trim();
+    let decoded = String::from_utf8(BASE64_STANDARD.decode(basic).ok()?).ok()?;
     let (_, password) = decoded.split_once(':')?;
     Some(password.to_owned())
-}
-
-/// Standard base64 (with padding), as HTTP Basic sends it.
-fn base64_decode(text: &str) -> Option<Vec<u8>> {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut bits = 0u32;
-    let mut count = 0;
-    let mut out = Vec::with_capacity(text.len() * 3 / 4);
-    for byte in text.bytes().filter(|&b| b != b'=') {
-        let value = ALPHABET.iter().position(|&c| c == byte)? as u32;
-        bits = (bits << 6) | value;
-        count += 6;
-        if count >= 8 {
-            count -= 8;
-            out.push((bits >> count) as u8);
-            bits &= (1 << count) - 1;
-        }
-    }
-    Some(out)
 }
 
 /// Text made safe for HTML.

@@ -322,13 +322,17 @@ pub struct Replayed {
     replayed: Option<usize>,
 }
 
-/// `/ui/dead-letters`: what is in the dead-letter queue, with Replay.
+/// Most dead letters one view reads (and holds, unacked, while it renders).
+const DEAD_LETTERS_SHOWN: usize = 200;
+
+/// `/ui/dead-letters`: the first [`DEAD_LETTERS_SHOWN`] messages of the
+/// dead-letter queue, with Replay.
 pub async fn dead_letters(
     _: Operator,
     State(app): State<App>,
     Query(done): Query<Replayed>,
 ) -> Response {
-    let letters = match dlq::list(&app.broker).await {
+    let letters = match dlq::list(&app.broker, DEAD_LETTERS_SHOWN).await {
         Ok(letters) => letters,
         Err(err) => return unavailable("RabbitMQ is unavailable", format!("{err:#}")),
     };
@@ -347,7 +351,13 @@ pub async fn dead_letters(
             r#"<section id="replayed">{n} task(s) replayed.</section>"#
         );
     }
-    body.push_str(r#"<section><h2>Dead letters</h2><form method="post" action="/ui/dead-letters/replay" class="inline"><input type="hidden" name="all" value="1"><button id="replay-all">Replay all</button></form><table><tr><th>task</th><th>type</th><th>why</th><th>error</th><th></th></tr>"#);
+    let heading = if letters.len() == DEAD_LETTERS_SHOWN {
+        format!("Dead letters (the first {DEAD_LETTERS_SHOWN}; `cliente dlq list` shows all)")
+    } else {
+        "Dead letters".to_owned()
+    };
+    let _ = write!(body, "<section><h2>{}</h2>", escape(&heading));
+    body.push_str(r#"<form method="post" action="/ui/dead-letters/replay" class="inline"><input type="hidden" name="all" value="1"><button id="replay-all">Replay all</button></form><table><tr><th>task</th><th>type</th><th>why</th><th>error</th><th></th></tr>"#);
     for letter in &letters {
         let key = letter.task_id.clone().unwrap_or_default();
         let error = errors
